@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no such notebook: {nb_path}", file=sys.stderr)
             return 2
         start = time.perf_counter()
-        tmp = nb_path.with_suffix(".ipynb.run")
+        tmp = nb_path.with_name(nb_path.stem + ".run.ipynb")
         try:
             papermill.execute_notebook(
                 str(nb_path), str(tmp), parameters=params, cwd=str(nb_path.parent),
