@@ -8,8 +8,37 @@ Chapters import from here; nothing is copied between chapters. See the book's
 introduction for the map.
 """
 
+from llm_from_scratch.data import (
+    SimpleTokenizer,
+    SlidingWindowDataset,
+    TokenFile,
+    available_corpora,
+    clean_text,
+    create_dataloader,
+    load_corpus,
+    load_documents,
+    train_val_split,
+    write_token_file,
+)
 from llm_from_scratch.utils import artifacts_dir, get_device, seed_everything
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "artifacts_dir", "get_device", "seed_everything"]
+__all__ = [
+    "__version__",
+    # utils
+    "artifacts_dir",
+    "get_device",
+    "seed_everything",
+    # data
+    "SimpleTokenizer",
+    "SlidingWindowDataset",
+    "TokenFile",
+    "available_corpora",
+    "clean_text",
+    "create_dataloader",
+    "load_corpus",
+    "load_documents",
+    "train_val_split",
+    "write_token_file",
+]
