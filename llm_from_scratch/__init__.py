@@ -8,6 +8,7 @@ Chapters import from here; nothing is copied between chapters. See the book's
 introduction for the map.
 """
 
+from llm_from_scratch.attention import KVCache, MultiHeadAttention, causal_mask, scaled_dot_product_attention
 from llm_from_scratch.data import (
     SimpleTokenizer,
     SlidingWindowDataset,
@@ -20,6 +21,7 @@ from llm_from_scratch.data import (
     train_val_split,
     write_token_file,
 )
+from llm_from_scratch.model import GPT, GPTConfig, count_parameters, estimate_flops_per_token
 from llm_from_scratch.utils import artifacts_dir, get_device, seed_everything
 
 __version__ = "0.1.0"
@@ -41,4 +43,14 @@ __all__ = [
     "load_documents",
     "train_val_split",
     "write_token_file",
+    # attention
+    "KVCache",
+    "MultiHeadAttention",
+    "causal_mask",
+    "scaled_dot_product_attention",
+    # model
+    "GPT",
+    "GPTConfig",
+    "count_parameters",
+    "estimate_flops_per_token",
 ]
