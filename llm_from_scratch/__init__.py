@@ -9,6 +9,7 @@ introduction for the map.
 """
 
 from llm_from_scratch.attention import KVCache, MultiHeadAttention, causal_mask, scaled_dot_product_attention
+from llm_from_scratch.bpe import BPETokenizer, gpt2_encoding, train_bpe, train_or_load_tokenizer
 from llm_from_scratch.data import (
     SimpleTokenizer,
     SlidingWindowDataset,
@@ -43,6 +44,11 @@ __all__ = [
     "load_documents",
     "train_val_split",
     "write_token_file",
+    # bpe
+    "BPETokenizer",
+    "gpt2_encoding",
+    "train_bpe",
+    "train_or_load_tokenizer",
     # attention
     "KVCache",
     "MultiHeadAttention",
