@@ -29,7 +29,6 @@ import hashlib
 import heapq
 import json
 import os
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from functools import lru_cache
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import regex
 import tiktoken
+
+from llm_from_scratch.utils import atomic_write_text
 
 #: GPT-2's pre-tokenization regex (contractions, letters, digits, other, spaces).
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -630,16 +631,7 @@ class BPETokenizer:
             "vocab": [[i, b64(t)] for i, t in sorted(self.vocab.items()) if i not in special_ids],
             "merges": [[b64(a), b64(b)] for a, b in self.merges],
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, json.dumps(data))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BPETokenizer:

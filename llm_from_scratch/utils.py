@@ -6,8 +6,10 @@ knows about language models; it only keeps runs reproducible and portable.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +104,30 @@ def artifacts_dir(*parts: str, create: bool = True) -> Path:
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: a temporary file beside it, then a rename.
+
+    An interruption at any moment leaves either the old file or the new one, never half of
+    one (``os.replace`` is atomic on POSIX and Windows). Parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """``atomic_write_bytes`` for text, encoded as UTF-8."""
+    return atomic_write_bytes(path, text.encode("utf-8"))

@@ -73,3 +73,20 @@ def test_artifacts_dir_finds_course_root(tmp_path, monkeypatch):
     (tmp_path / "chapters").mkdir()
     monkeypatch.chdir(tmp_path / "chapters")
     assert artifacts_dir(create=False) == tmp_path / "artifacts"
+
+
+def test_atomic_write_replaces_whole_file_or_nothing(tmp_path, monkeypatch):
+    from llm_from_scratch import utils
+
+    target = tmp_path / "sub" / "file.txt"
+    utils.atomic_write_text(target, "first")
+    assert target.read_text() == "first"
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(utils.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        utils.atomic_write_bytes(target, b"second")
+    assert target.read_text() == "first"  # the old file survives
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file.txt"]  # no temporary left behind
