@@ -23,6 +23,15 @@ from llm_from_scratch.data import (
     write_token_file,
 )
 from llm_from_scratch.model import GPT, GPTConfig, count_parameters, estimate_flops_per_token
+from llm_from_scratch.train import (
+    TrainConfig,
+    configure_optimizer,
+    evaluate,
+    load_checkpoint,
+    lr_at,
+    save_checkpoint,
+    train,
+)
 from llm_from_scratch.utils import artifacts_dir, get_device, seed_everything
 
 __version__ = "0.1.0"
@@ -59,4 +68,12 @@ __all__ = [
     "GPTConfig",
     "count_parameters",
     "estimate_flops_per_token",
+    # train
+    "TrainConfig",
+    "configure_optimizer",
+    "evaluate",
+    "load_checkpoint",
+    "lr_at",
+    "save_checkpoint",
+    "train",
 ]

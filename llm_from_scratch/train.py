@@ -1,0 +1,909 @@
+"""Pre-training: the optimizer, the learning-rate schedule, the loop, checkpoints.
+
+Explained in the chapter "Pre-training" (chapters/05_pretraining.ipynb). This module holds:
+
+* ``TrainConfig``: every knob of a run (batch, schedule, optimizer, precision, intervals);
+* ``configure_optimizer``: AdamW with weight decay on matrices only (see its docstring for
+  exactly which parameters decay);
+* ``lr_at``: linear warm-up, then cosine decay to a floor;
+* ``train_step``: one optimizer step over ``k`` micro-batches (gradient accumulation);
+* ``evaluate``: the mean loss over fixed, evenly spaced windows of held-out tokens;
+* ``train``: the loop, with a ``tqdm`` bar (tokens/s, loss), a history (list of dicts, also
+  written as JSON and CSV), periodic checkpoints and exact resume;
+* ``save_checkpoint`` / ``load_checkpoint``: one ``.safetensors`` file (no pickle) holding the
+  model, the optimizer, the step, every random number generator's state, the data position,
+  both configurations, the tokenizer's fingerprint and the history; written atomically.
+
+It does not build models (``model.py``), tokenize (``bpe.py``), read corpora (``data.py``) or
+sample text (``generate.py``). Nothing here is global: everything a run needs is in its
+arguments, and the parts that depend on the process's rank (writing files, the progress bar,
+the data stream's seed) go through ``_Runtime``, so the same loop can later run under
+``torchrun`` with one process per GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from llm_from_scratch.data import get_batch as _get_batch_from_array
+from llm_from_scratch.utils import atomic_write_bytes, atomic_write_text, get_device
+
+logger = logging.getLogger(__name__)
+
+#: File name of the checkpoint inside a run folder.
+CHECKPOINT_NAME = "checkpoint.safetensors"
+#: Identifies our checkpoints (and their layout version) inside the safetensors metadata.
+CHECKPOINT_FORMAT = "llm_from_scratch.checkpoint/1"
+
+#: Dense bf16 peak FLOP/s (no sparsity) of some accelerators, for model FLOPs utilisation.
+PEAK_FLOPS_BF16 = {
+    "H100 SXM": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "T4": 65e12,
+}
+
+_PRECISIONS = ("auto", "bf16", "fp32")
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run. Steps count optimizer updates, not micro-batches.
+
+    One step sees ``batch_size * grad_accum_steps * context_length`` tokens.
+    ``context_length=None`` uses the model's. The learning rate warms up linearly for
+    ``warmup_steps`` steps to ``max_lr``, then follows a cosine down to ``min_lr`` (default
+    ``max_lr / 10``) at ``decay_steps`` (default ``max_steps``) and stays there.
+    ``precision``: ``"auto"`` (bf16 autocast on a CUDA GPU that supports it, else fp32),
+    ``"bf16"`` (autocast on any device; on the CPU it is correct but rarely faster) or ``"fp32"``.
+    ``checkpoint_interval=None`` writes a checkpoint at every evaluation and at the end (when
+    ``train`` gets an ``out_dir``); ``0`` only at the end. ``eval_batches`` batches of
+    held-out windows per evaluation; ``eval_train`` also measures the loss on as many
+    training windows (to see overfitting).
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 16
+    context_length: int | None = None
+    grad_accum_steps: int = 1
+    max_lr: float = 6e-4
+    min_lr: float | None = None
+    warmup_steps: int = 100
+    decay_steps: int | None = None
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 10
+    eval_train: bool = True
+    eval_at_start: bool = True
+    log_interval: int = 10
+    checkpoint_interval: int | None = None
+    seed: int = 1337
+    device: str = "auto"
+    precision: str = "auto"
+    fused_optimizer: bool | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "batch_size", "grad_accum_steps", "eval_interval", "eval_batches", "log_interval")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+        for name in ("warmup_steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig.{name} must be a non-negative int, got {value!r}")
+        for name in ("context_length", "decay_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"TrainConfig.{name} must be a positive int or None, got {value!r}")
+        ci = self.checkpoint_interval
+        if ci is not None and (isinstance(ci, bool) or not isinstance(ci, int) or ci < 0):
+            raise ValueError(f"TrainConfig.checkpoint_interval must be None or an int >= 0, got {ci!r}")
+        if not (isinstance(self.max_lr, (int, float)) and self.max_lr > 0):
+            raise ValueError(f"TrainConfig.max_lr must be a positive number, got {self.max_lr!r}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.max_lr:
+            raise ValueError(f"TrainConfig.min_lr must be in [0, max_lr={self.max_lr}], got {self.min_lr!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"TrainConfig.grad_clip must be positive or None, got {self.grad_clip!r}")
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"TrainConfig.precision must be one of {_PRECISIONS}, got {self.precision!r}")
+        if self.decay_steps is not None and self.decay_steps < self.warmup_steps:
+            raise ValueError(
+                f"TrainConfig.decay_steps ({self.decay_steps}) must be >= warmup_steps ({self.warmup_steps})"
+            )
+
+    @property
+    def resolved_min_lr(self) -> float:
+        return self.max_lr / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def resolved_decay_steps(self) -> int:
+        return max(self.max_steps, self.warmup_steps) if self.decay_steps is None else self.decay_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+#: Fields that change what the optimizer computes: a resumed run must keep them.
+_RESUME_FIXED_FIELDS = ("batch_size", "context_length", "grad_accum_steps", "seed")
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# --------------------------------------------------------------------------------------------
+
+
+def decay_parameter_names(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Splits the parameter names into ``(decay, no_decay)``.
+
+    Decayed: every parameter with 2 or more dimensions that is not the weight of an
+    ``nn.Embedding``, i.e. the linear layers' weight matrices (``attn.c_attn``, ``attn.c_proj``,
+    ``mlp.c_fc``, ``mlp.c_proj`` and an untied ``lm_head``). Not decayed: biases and layer-norm
+    weights (1 dimension) and the token and position embeddings. With tied weights the output
+    layer *is* the token embedding (one tensor, listed once under its first name,
+    ``transformer.wte.weight``), so it is not decayed either.
+    """
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():  # a shared tensor appears once
+        if not param.requires_grad:
+            continue
+        if param.dim() >= 2 and id(param) not in embedding_ids:
+            decay.append(name)
+        else:
+            no_decay.append(name)
+    return decay, no_decay
+
+
+def configure_optimizer(
+    model: nn.Module,
+    *,
+    lr: float = 6e-4,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """AdamW with two parameter groups: weight decay on matrices, none on the rest.
+
+    The groups come from ``decay_parameter_names`` (decay: linear weights; no decay: biases,
+    norms, embeddings). ``betas=(0.9, 0.95)`` is what GPT-3 and most LLMs since use.
+    ``fused=None`` uses PyTorch's fused kernel (one kernel for all parameters) when it is
+    available for the parameters' device (CUDA, and the CPU in recent PyTorch), else the
+    ``foreach`` implementation.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    decay, no_decay = decay_parameter_names(model)
+    params = dict(model.named_parameters())
+    groups = [
+        {"params": [params[n] for n in decay], "weight_decay": weight_decay},
+        {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
+    ]
+    if fused is None:
+        fused = _fused_adamw_available(next(model.parameters()).device)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=bool(fused) or None)
+
+
+def _fused_adamw_available(device: torch.device) -> bool:
+    try:
+        probe = torch.zeros(1, device=device, requires_grad=True)
+        opt = torch.optim.AdamW([probe], fused=True)
+        probe.grad = torch.zeros_like(probe)
+        opt.step()
+        return True
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
+def lr_at(step: int, *, max_lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based).
+
+    Warm-up: ``max_lr * (step + 1) / warmup_steps`` for ``step < warmup_steps`` (so step
+    ``warmup_steps - 1`` uses ``max_lr``). Then cosine decay:
+    ``min_lr + (max_lr - min_lr) * (1 + cos(pi * r)) / 2`` with
+    ``r = (step - warmup_steps) / (decay_steps - warmup_steps)``, and ``min_lr`` from
+    ``decay_steps`` on.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if not 0 <= min_lr <= max_lr:
+        raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={max_lr}")
+    if warmup_steps < 0 or decay_steps < warmup_steps:
+        raise ValueError(f"need 0 <= warmup_steps <= decay_steps, got {warmup_steps} and {decay_steps}")
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= decay_steps:
+        return min_lr
+    ratio = (step - warmup_steps) / (decay_steps - warmup_steps)
+    return min_lr + (max_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * ratio))
+
+
+# --------------------------------------------------------------------------------------------
+# Runtime: device, precision, rank
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Runtime:
+    """What depends on the process: its rank among ``world_size`` (1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def current(cls) -> _Runtime:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a ``DistributedDataParallel`` (or compiled) wrapper."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (``None``: plain fp32)."""
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def peak_flops(device: torch.device | str) -> float | None:
+    """Dense bf16 peak FLOP/s of ``device`` from ``PEAK_FLOPS_BF16`` (``None`` when unknown, e.g. CPUs)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_FLOPS_BF16, key=len, reverse=True):
+        if all(part in name for part in key.split()):
+            return PEAK_FLOPS_BF16[key]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def _check_token_source(name: str, data, min_tokens: int, hint: str) -> None:
+    if isinstance(data, (str, bytes)) or not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
+        raise TypeError(
+            f"{name} must be a sequence of token ids (TokenFile, tensor, numpy array), got {type(data).__name__}"
+        )
+    if len(data) < min_tokens:
+        raise ValueError(f"{name} has {len(data)} tokens, fewer than {hint} = {min_tokens}")
+
+
+def _sample_batch(data, batch_size: int, context_length: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A random batch ``(inputs, targets)``, each ``(B, T)`` int64; draws only from ``generator``."""
+    if hasattr(data, "get_batch"):
+        x, y = data.get_batch(batch_size, context_length, generator)
+    else:
+        x, y = _get_batch_from_array(data, batch_size, context_length, generator)
+    return x.long(), y.long()
+
+
+def _eval_windows(n_tokens: int, context_length: int, n_windows: int) -> list[int]:
+    """Start positions of ``n_windows`` evenly spaced windows of ``context_length + 1`` tokens."""
+    last = n_tokens - context_length - 1
+    n_all = last // context_length + 1  # non-overlapping windows
+    starts = [i * context_length for i in range(n_all)]
+    if n_windows >= n_all:
+        return starts
+    picks = torch.linspace(0, n_all - 1, n_windows).round().long().tolist()
+    return [starts[i] for i in picks]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data,
+    *,
+    batch_size: int = 16,
+    context_length: int | None = None,
+    max_batches: int | None = 10,
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
+) -> float:
+    """Mean next-token loss of ``model`` over fixed windows of ``data`` (no randomness).
+
+    The windows are non-overlapping stretches of ``context_length + 1`` tokens, evenly spaced
+    over the whole of ``data``; ``max_batches * batch_size`` of them (all when ``None``). The
+    same windows every call, so evaluations at different steps compare like with like.
+    Dropout is off during evaluation; the model's training mode is restored afterwards.
+    """
+    inner = _unwrap(model)
+    if context_length is None:
+        context_length = inner.config.context_length
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    _check_token_source("data", data, context_length + 1, "context_length + 1")
+    n_windows = None if max_batches is None else max_batches * batch_size
+    starts = _eval_windows(len(data), context_length, n_windows if n_windows is not None else len(data))
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    dtype = resolve_precision(precision, device)
+    try:
+        for i in range(0, len(starts), batch_size):
+            chunk = starts[i : i + batch_size]
+            rows = np.stack([np.asarray(data[s : s + context_length + 1], dtype=np.int64) for s in chunk])
+            batch = torch.from_numpy(rows).to(device)  # (B, T + 1)
+            with _autocast(device, dtype):
+                _, loss = model(batch[:, :-1], batch[:, 1:])
+            total += loss.float().item() * len(chunk)
+            count += len(chunk)
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+# --------------------------------------------------------------------------------------------
+# One optimizer step
+# --------------------------------------------------------------------------------------------
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite: training stopped before applying the update."""
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[tuple[Tensor, Tensor]],
+    *,
+    lr: float | None = None,
+    grad_clip: float | None = 1.0,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[float, float]:
+    """One optimizer update from ``k = len(micro_batches)`` micro-batches (gradient accumulation).
+
+    Each micro-batch's mean loss is divided by ``k`` before ``backward``, so the summed
+    gradients equal those of one batch ``k`` times larger. Then the gradients are clipped to
+    norm ``grad_clip`` and the optimizer steps with learning rate ``lr``. Returns
+    ``(mean loss, gradient norm before clipping)``. A NaN or infinite loss raises
+    ``NonFiniteLossError`` *before* the update, so the weights stay as they were.
+    """
+    if len(micro_batches) == 0:
+        raise ValueError("micro_batches must hold at least one (inputs, targets) pair")
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    device = next(model.parameters()).device
+    k = len(micro_batches)
+    total = torch.zeros((), device=device)
+    for i, (inputs, targets) in enumerate(micro_batches):
+        last = i == k - 1
+        # Under DistributedDataParallel, gradients are averaged across processes only once,
+        # on the last micro-batch.
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with _autocast(device, autocast_dtype):
+                _, loss = model(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
+            (loss / k).backward()
+        total += loss.detach().float()
+    mean_loss = (total / k).item()
+    if not math.isfinite(mean_loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"the loss is {mean_loss}: the update was not applied")
+    if grad_clip is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    else:
+        grad_norm = float("nan")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_loss, grad_norm
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _tensor_digest(tensors: dict[str, Tensor]) -> str:
+    """sha256 over the names and raw bytes of every tensor, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _rng_state(generator: torch.Generator | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Every random number generator a run touches: tensors + JSON-able values."""
+    tensors = {"rng.torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.torch_cuda.{i}"] = state
+    if generator is not None:
+        tensors["rng.batch_generator"] = generator.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng.numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
+    version, py_state, gauss = random.getstate()
+    meta = {
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "state": list(py_state), "gauss_next": gauss},
+    }
+    return tensors, meta
+
+
+def _restore_rng(tensors: dict[str, Tensor], meta: dict[str, Any], generator: torch.Generator | None) -> None:
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.torch_cuda."))
+    if cuda and torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(cuda, key=lambda k: int(k.rsplit(".", 1)[1]))]
+        torch.cuda.set_rng_state_all(states[: torch.cuda.device_count()])
+    if generator is not None and "rng.batch_generator" in tensors:
+        generator.set_state(tensors["rng.batch_generator"])
+    npm = meta["numpy"]
+    keys = tensors["rng.numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state((npm["kind"], keys, npm["pos"], npm["has_gauss"], npm["cached_gaussian"]))
+    py = meta["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+
+
+def _model_config_dict(model: nn.Module) -> dict[str, Any] | None:
+    config = getattr(_unwrap(model), "config", None)
+    if config is None:
+        return None
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
+
+
+def tokenizer_fingerprint(path: str | os.PathLike) -> dict[str, str]:
+    """``{"path", "sha256"}`` of a saved tokenizer file, stored in checkpoints to catch mix-ups."""
+    path = Path(path)
+    return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    step: int = 0,
+    train_config: TrainConfig | None = None,
+    generator: torch.Generator | None = None,
+    data_state: dict[str, Any] | None = None,
+    tokenizer: dict[str, str] | None = None,
+    history: list[dict] | None = None,
+) -> Path:
+    """Writes everything needed to resume training into one safetensors file, atomically.
+
+    Tensors: the model's weights (``model.*``; a tied tensor is stored once), the optimizer's
+    state (``optimizer.*``), the states of the random number generators (``rng.*``: torch
+    CPU, every CUDA device, NumPy, the batch ``generator``). Metadata (JSON): the step, both
+    configurations, the data position ``data_state``, the tokenizer fingerprint, the
+    optimizer's hyperparameters, Python's RNG state, the history and a sha256 of all tensors.
+    Nothing is pickled, so loading cannot run code.
+    """
+    inner = _unwrap(model)
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in inner.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:  # a tied weight: store it once
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[f"model.{name}"] = t.detach().contiguous().cpu()
+    optim_meta = None
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        scalar_state: dict[str, dict[str, Any]] = {}
+        for pid, state in sd["state"].items():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"optimizer.state.{pid}.{key}"] = value.detach().contiguous().cpu()
+                else:
+                    scalar_state.setdefault(str(pid), {})[key] = value
+        optim_meta = {"class": type(optimizer).__name__, "param_groups": sd["param_groups"], "scalar_state": scalar_state}
+    rng_tensors, rng_meta = _rng_state(generator)
+    tensors.update(rng_tensors)
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "step": int(step),
+        "model_class": type(inner).__name__,
+        "model_config": _model_config_dict(inner),
+        "aliases": aliases,
+        "train_config": None if train_config is None else train_config.to_dict(),
+        "data_state": data_state or {},
+        "tokenizer": tokenizer,
+        "optimizer": optim_meta,
+        "rng": rng_meta,
+        "history": history or [],
+        "tensors_sha256": _tensor_digest(tensors),
+    }
+    blob = _st_save(tensors, metadata={"llm_from_scratch": json.dumps(meta)})
+    path = Path(path)
+    atomic_write_bytes(path, blob)
+    return path
+
+
+def _corrupt(path: Path, why: str) -> ValueError:
+    return ValueError(f"{path} is not a valid checkpoint (corrupt or truncated?): {why}")
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise _corrupt(path, f"only {len(data)} bytes")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8:
+        raise _corrupt(path, f"the header claims {header_len} bytes, the file has {len(data) - 8} after the length")
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+        meta = json.loads(header["__metadata__"]["llm_from_scratch"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise _corrupt(path, f"unreadable header ({err})") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise _corrupt(path, f"format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    try:
+        tensors = _st_load(data)
+    except Exception as err:  # safetensors raises its own error type
+        raise _corrupt(path, str(err)) from None
+    if _tensor_digest(tensors) != meta["tensors_sha256"]:
+        raise _corrupt(path, "the tensors' sha256 does not match the one recorded when it was written")
+    return tensors, meta
+
+
+def _config_differences(saved: dict | None, current: dict | None) -> list[str]:
+    if saved is None or current is None:
+        return []
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in keys if saved.get(k) != current.get(k)]
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    restore_rng: bool = False,
+) -> dict[str, Any]:
+    """Reads a checkpoint written by ``save_checkpoint`` and returns its metadata.
+
+    With ``model``, checks that its configuration is the checkpoint's (``ValueError`` listing
+    the differences otherwise) and loads the weights; with ``optimizer``, loads its state; with
+    ``restore_rng=True``, restores every random number generator (and ``generator``, the
+    batch stream). A truncated, corrupt or foreign file raises ``ValueError``; a missing one
+    ``FileNotFoundError``. The returned dict has ``step``, ``model_config``, ``train_config``,
+    ``data_state``, ``tokenizer`` and ``history``.
+    """
+    path = Path(path)
+    tensors, meta = _read_checkpoint(path)
+    if model is not None:
+        inner = _unwrap(model)
+        diffs = _config_differences(meta["model_config"], _model_config_dict(inner))
+        if diffs:
+            raise ValueError(
+                f"{path} was made with another model configuration: " + "; ".join(diffs)
+            )
+        state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+        for alias, target in meta["aliases"].items():
+            state[alias] = state[target]
+        try:
+            inner.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"{path} does not fit this model: {err}") from None
+    if optimizer is not None:
+        om = meta["optimizer"]
+        if om is None:
+            raise ValueError(f"{path} holds no optimizer state")
+        opt_state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer.state."):
+                _, _, pid, name = key.split(".", 3)
+                opt_state.setdefault(int(pid), {})[name] = value
+        for pid, values in om["scalar_state"].items():
+            opt_state.setdefault(int(pid), {}).update(values)
+        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+                  for g in om["param_groups"]]
+        try:
+            optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise ValueError(f"{path}: the optimizer state does not fit this optimizer: {err}") from None
+    if restore_rng:
+        _restore_rng(tensors, meta["rng"], generator)
+    return {k: meta[k] for k in ("step", "model_config", "train_config", "data_state", "tokenizer", "history")}
+
+
+# --------------------------------------------------------------------------------------------
+# History files
+# --------------------------------------------------------------------------------------------
+
+
+def write_history(history: list[dict], out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Writes ``history.json`` and ``history.csv`` (one column per key seen) into ``out_dir``, atomically."""
+    out_dir = Path(out_dir)
+    json_path, csv_path = out_dir / "history.json", out_dir / "history.csv"
+    atomic_write_text(json_path, json.dumps(history, indent=1))
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(csv_path, buf.getvalue())
+    return json_path, csv_path
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Meter:
+    """Tokens and seconds of training (evaluation excluded) since the last log line."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+def train(
+    model: nn.Module,
+    train_data,
+    val_data=None,
+    config: TrainConfig | None = None,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    resume_from: str | os.PathLike | None = None,
+    tokenizer: dict[str, str] | None = None,
+    callback: Callable[[int, nn.Module, dict], None] | None = None,
+) -> list[dict]:
+    """Trains ``model`` on ``train_data`` and returns the history, a list of dicts.
+
+    ``train_data`` / ``val_data``: token ids (a ``TokenFile``, a 1-D tensor or a numpy array).
+    Every optimizer step draws ``grad_accum_steps`` random batches of ``batch_size`` windows
+    from a ``torch.Generator`` seeded with ``config.seed`` (plus the rank under torchrun):
+    that generator's state and the number of batches drawn are the data position.
+
+    History rows: every ``log_interval`` steps ``{"step", "tokens", "lr", "train_loss",
+    "grad_norm", "tokens_per_s", "mfu"?}`` (``train_loss`` averaged since the last row), and at
+    every evaluation ``{"step", "tokens", "val_loss", "train_eval_loss"?}``.
+
+    ``out_dir``: where ``checkpoint.safetensors``, ``history.json`` and ``history.csv`` go.
+    ``resume_from``: a checkpoint (or a folder holding one) to continue from exactly; the
+    model's configuration, ``tokenizer`` (a ``tokenizer_fingerprint``) and the batch shape must
+    match it. ``callback(step, model, row)`` runs after each evaluation, with its own copy of
+    the random number generators (sampling text there does not change the run).
+
+    A NaN or infinite loss raises ``NonFiniteLossError``: the failing update is not applied
+    and the last checkpoint in ``out_dir`` (written before the failure) is left as it was.
+    """
+    config = TrainConfig() if config is None else config
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    runtime = _Runtime.current()
+    inner = _unwrap(model)
+    model_context = getattr(getattr(inner, "config", None), "context_length", None)
+    context_length = config.context_length or model_context
+    if context_length is None:
+        raise ValueError("TrainConfig.context_length is None and the model has no config.context_length")
+    if model_context is not None and context_length > model_context:
+        raise ValueError(f"TrainConfig.context_length={context_length} exceeds the model's {model_context}")
+    one_batch = config.batch_size * context_length + 1
+    _check_token_source("train_data", train_data, one_batch, "one batch (batch_size * context_length + 1)")
+    if val_data is not None:
+        _check_token_source("val_data", val_data, context_length + 1, "context_length + 1")
+
+    device = get_device(config.device)
+    model.to(device)
+    amp_dtype = resolve_precision(config.precision, device)
+    optimizer = configure_optimizer(
+        model, lr=config.max_lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps,
+        fused=config.fused_optimizer,
+    )
+    generator = torch.Generator().manual_seed(config.seed + runtime.rank)
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out / CHECKPOINT_NAME if out is not None else None
+    step, batches_drawn, history = 0, 0, []
+
+    if resume_from is not None:
+        resume_path = Path(resume_from)
+        if resume_path.is_dir():
+            resume_path = resume_path / CHECKPOINT_NAME
+        saved = load_checkpoint(resume_path, model, optimizer, generator=generator, restore_rng=True)
+        if saved["train_config"] is not None:
+            before = TrainConfig.from_dict(saved["train_config"])
+            diffs = [f"{f}: {getattr(before, f)!r} then, {getattr(config, f)!r} now"
+                     for f in _RESUME_FIXED_FIELDS if getattr(before, f) != getattr(config, f)]
+            if diffs:
+                raise ValueError(f"cannot resume {resume_path} with another batch setup: " + "; ".join(diffs))
+        saved_tok, now_tok = saved["tokenizer"], tokenizer
+        if saved_tok is not None and now_tok is not None and saved_tok.get("sha256") != now_tok.get("sha256"):
+            raise ValueError(
+                f"{resume_path} was trained with another tokenizer: sha256 {saved_tok.get('sha256')} "
+                f"({saved_tok.get('path')}), now {now_tok.get('sha256')} ({now_tok.get('path')})"
+            )
+        step = saved["step"]
+        batches_drawn = saved["data_state"].get("batches_drawn", 0)
+        history = list(saved["history"])
+        model.to(device)
+
+    tokens_per_step = config.batch_size * config.grad_accum_steps * context_length * runtime.world_size
+    flops_per_token = _flops_per_token(inner, context_length)
+    peak = peak_flops(device)
+
+    def do_eval(at_step: int) -> dict:
+        row: dict[str, Any] = {"step": at_step, "tokens": at_step * tokens_per_step}
+        kwargs = dict(batch_size=config.batch_size, context_length=context_length,
+                      max_batches=config.eval_batches, device=device, precision=config.precision)
+        if val_data is not None:
+            row["val_loss"] = evaluate(model, val_data, **kwargs)
+        if config.eval_train:
+            row["train_eval_loss"] = evaluate(model, train_data, **kwargs)
+        history.append(row)
+        if callback is not None:
+            with _forked_rng(device):
+                callback(at_step, model, row)
+        return row
+
+    def do_checkpoint(at_step: int) -> None:
+        if out is None or not runtime.is_main:
+            return
+        save_checkpoint(
+            ckpt_path, model, optimizer, step=at_step, train_config=config, generator=generator,
+            data_state={"batches_drawn": batches_drawn, "generator_seed": config.seed + runtime.rank},
+            tokenizer=tokenizer, history=history,
+        )
+        write_history(history, out)
+
+    model.train()
+    if step == 0 and config.eval_at_start and (val_data is not None or config.eval_train):
+        do_eval(0)
+    # ``disable`` is passed only to switch the bar off: left out, tqdm reads TQDM_DISABLE.
+    quiet = {} if config.progress and runtime.is_main else {"disable": True}
+    bar = tqdm(total=config.max_steps, initial=step, unit="step", dynamic_ncols=True, **quiet)
+    meter = _Meter()
+    ckpt_every = config.eval_interval if config.checkpoint_interval is None else config.checkpoint_interval
+    try:
+        while step < config.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, max_lr=config.max_lr, min_lr=config.resolved_min_lr,
+                       warmup_steps=config.warmup_steps, decay_steps=config.resolved_decay_steps)
+            micro = [_sample_batch(train_data, config.batch_size, context_length, generator)
+                     for _ in range(config.grad_accum_steps)]
+            batches_drawn += config.grad_accum_steps
+            try:
+                loss, grad_norm = train_step(model, optimizer, micro, lr=lr, grad_clip=config.grad_clip,
+                                             autocast_dtype=amp_dtype)
+            except NonFiniteLossError as err:
+                kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path is not None and ckpt_path.exists() \
+                    else "no checkpoint was written"
+                raise NonFiniteLossError(
+                    f"training stopped at step {step}: {err}; {kept}. Try a lower max_lr or more warm-up."
+                ) from None
+            step += 1
+            meter.seconds += time.perf_counter() - t0
+            meter.tokens += tokens_per_step
+            meter.losses.append(loss)
+            bar.update(1)
+            if step % config.log_interval == 0 or step == config.max_steps:
+                tps = meter.tokens / max(meter.seconds, 1e-9)
+                row = {"step": step, "tokens": step * tokens_per_step, "lr": lr,
+                       "train_loss": sum(meter.losses) / len(meter.losses), "grad_norm": grad_norm,
+                       "tokens_per_s": tps}
+                if peak is not None and flops_per_token is not None:
+                    row["mfu"] = tps * flops_per_token / (peak * runtime.world_size)
+                history.append(row)
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{tps:,.0f}")
+                meter = _Meter()
+            if step % config.eval_interval == 0 or step == config.max_steps:
+                do_eval(step)
+            if out is not None and (step == config.max_steps or (ckpt_every and step % ckpt_every == 0)):
+                do_checkpoint(step)
+    finally:
+        bar.close()
+    if out is not None and runtime.is_main:
+        write_history(history, out)
+    return history
+
+
+def _flops_per_token(model: nn.Module, context_length: int) -> float | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    from llm_from_scratch.model import GPTConfig, estimate_flops_per_token
+
+    if not isinstance(config, GPTConfig):
+        return None
+    return float(estimate_flops_per_token(config, seq_len=context_length))
+
+
+@contextlib.contextmanager
+def _forked_rng(device: torch.device):
+    """Runs a block with copies of every RNG, so it cannot change the training run's randomness."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
