@@ -5,7 +5,8 @@ Each module holds one concept of the pipeline, in the order the book builds it:
     data -> bpe -> attention -> model -> train -> generate -> distributed
 
 Chapters import from here; nothing is copied between chapters. See the book's
-introduction for the map.
+introduction for the map. Functions named like their module (``train.train``,
+``generate.generate``) are not re-exported, so ``llm_from_scratch.train`` stays the module.
 """
 
 from llm_from_scratch.attention import KVCache, MultiHeadAttention, causal_mask, scaled_dot_product_attention
@@ -30,7 +31,6 @@ from llm_from_scratch.train import (
     load_checkpoint,
     lr_at,
     save_checkpoint,
-    train,
 )
 from llm_from_scratch.utils import artifacts_dir, get_device, seed_everything
 
@@ -75,5 +75,4 @@ __all__ = [
     "load_checkpoint",
     "lr_at",
     "save_checkpoint",
-    "train",
 ]
