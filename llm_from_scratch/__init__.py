@@ -23,7 +23,24 @@ from llm_from_scratch.data import (
     train_val_split,
     write_token_file,
 )
+from llm_from_scratch.generate import (
+    load_model,
+    pad_prompts,
+    sample_next_token,
+    stream_generate,
+    top_k_filter,
+    top_p_filter,
+)
 from llm_from_scratch.model import GPT, GPTConfig, count_parameters, estimate_flops_per_token
+from llm_from_scratch.modern import (
+    GroupedQueryAttention,
+    ModernConfig,
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLU,
+    TransformerLM,
+    apply_rope,
+)
 from llm_from_scratch.train import (
     TrainConfig,
     configure_optimizer,
@@ -75,4 +92,19 @@ __all__ = [
     "load_checkpoint",
     "lr_at",
     "save_checkpoint",
+    # generate (generate.generate stays under its module, like train.train)
+    "load_model",
+    "pad_prompts",
+    "sample_next_token",
+    "stream_generate",
+    "top_k_filter",
+    "top_p_filter",
+    # modern
+    "GroupedQueryAttention",
+    "ModernConfig",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "SwiGLU",
+    "TransformerLM",
+    "apply_rope",
 ]

@@ -103,27 +103,56 @@ class KVCache:
     empty). ``MultiHeadAttention`` appends the new tokens' keys and values and attends over
     the whole cache. One cache per layer; ``len(cache)`` is the number of cached tokens,
     which is also the position of the next token.
+
+    Storage is preallocated and grows by doubling (``capacity`` tokens, at least
+    ``initial_capacity``), so appending one token writes in place instead of copying the
+    whole cache with ``torch.cat`` every step; ``keys``/``values`` are views of the filled part.
+    Meant for inference (under ``torch.no_grad``): the in-place writes do not support
+    backpropagating through several appends.
     """
 
-    def __init__(self) -> None:
-        self.keys: Tensor | None = None
-        self.values: Tensor | None = None
+    def __init__(self, initial_capacity: int = 256) -> None:
+        self.initial_capacity = initial_capacity
+        self._keys: Tensor | None = None  # (B, n_heads, capacity, head_dim)
+        self._values: Tensor | None = None
+        self._length = 0
 
     def __len__(self) -> int:
-        return 0 if self.keys is None else self.keys.size(-2)
+        return self._length
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._keys is None else self._keys.size(-2)
+
+    @property
+    def keys(self) -> Tensor | None:
+        return None if self._keys is None else self._keys[..., : self._length, :]
+
+    @property
+    def values(self) -> Tensor | None:
+        return None if self._values is None else self._values[..., : self._length, :]
 
     def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Add ``(B, n_heads, T_new, head_dim)`` keys and values; return the whole cache."""
-        if self.keys is None:
-            self.keys, self.values = keys, values
-        else:
-            self.keys = torch.cat([self.keys, keys], dim=-2)  # (B, n_heads, T_cache + T_new, head_dim)
-            self.values = torch.cat([self.values, values], dim=-2)
-        return self.keys, self.values
+        new_length = self._length + keys.size(-2)
+        if new_length > self.capacity:  # grow: double (amortised O(1) per token)
+            capacity = max(new_length, 2 * self.capacity, self.initial_capacity)
+            shape = (*keys.shape[:-2], capacity, keys.size(-1))
+            grown_k = keys.new_empty(shape)
+            grown_v = values.new_empty((*values.shape[:-2], capacity, values.size(-1)))
+            if self._length:
+                grown_k[..., : self._length, :] = self.keys
+                grown_v[..., : self._length, :] = self.values
+            self._keys, self._values = grown_k, grown_v
+        self._keys[..., self._length : new_length, :] = keys  # in place: no copy of the old entries
+        self._values[..., self._length : new_length, :] = values
+        self._length = new_length
+        return self.keys, self.values  # (B, n_heads, T_cache + T_new, head_dim)
 
     def reset(self) -> None:
         """Empty the cache (start a new sequence)."""
-        self.keys = self.values = None
+        self._keys = self._values = None
+        self._length = 0
 
 
 class MultiHeadAttention(nn.Module):
@@ -206,7 +235,9 @@ class MultiHeadAttention(nn.Module):
         total = past + T
 
         mask = None  # None means "causal, queries and keys aligned": SDPA's is_causal fast path
-        if past > 0 or padding_mask is not None:
+        # One new query after cached keys sees every key: no mask at all (decoding's common case).
+        attend_all = T == 1 and past > 0 and padding_mask is None
+        if (past > 0 or padding_mask is not None) and not attend_all:
             mask = self.causal[past:total, :total]  # (T, total): query i sits at position past + i
         if padding_mask is not None:
             if padding_mask.shape != (B, total) or padding_mask.dtype != torch.bool:
@@ -222,10 +253,10 @@ class MultiHeadAttention(nn.Module):
         if self.use_sdpa:
             # Fused kernel (flash / memory-efficient where available): same maths, less memory.
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None and not attend_all
             )
         else:
-            if mask is None:
+            if mask is None and not attend_all:
                 mask = self.causal[:T, :T]
             y = scaled_dot_product_attention(q, k, v, mask=mask, dropout_p=dropout_p)  # (B, n_heads, T, head_dim)
         y = y.transpose(1, 2).contiguous().view(B, T, self.d_model)  # concatenate the heads

@@ -153,10 +153,53 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, *, kv_cache: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache=kv_cache)  # (B, T, d_model)
+    def forward(
+        self, x: Tensor, *, kv_cache: KVCache | None = None, padding_mask: Tensor | None = None
+    ) -> Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache=kv_cache, padding_mask=padding_mask)  # (B, T, d_model)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+def check_token_inputs(
+    idx: Tensor, config, *, kv_cache: list[KVCache] | None = None, position_ids: Tensor | None = None
+) -> int:
+    """Validates a language model's inputs at its public boundary; returns the cache length.
+
+    ``idx`` must be an integer ``(B, T)`` tensor with ``T >= 1`` and ids in ``[0, vocab_size)``;
+    ``kv_cache`` one cache per layer; the cached plus new tokens must fit ``context_length``;
+    ``position_ids``, when given, a ``(B, T)`` tensor. ``config`` needs ``vocab_size``,
+    ``context_length`` and ``n_layers``. Shared by ``GPT`` and the Llama-style model.
+    """
+    if not isinstance(idx, Tensor):
+        raise TypeError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise TypeError(f"idx must hold integer token ids, got dtype {idx.dtype}")
+    if idx.dim() != 2 or idx.size(1) == 0:
+        raise ValueError(f"idx must have shape (batch, tokens) with at least one token, got {tuple(idx.shape)}")
+    B, T = idx.shape
+    start = 0
+    if kv_cache is not None:
+        if len(kv_cache) != config.n_layers:
+            raise ValueError(f"kv_cache must hold {config.n_layers} caches (one per layer), got {len(kv_cache)}")
+        start = len(kv_cache[0])
+    if start + T > config.context_length:
+        raise ValueError(f"sequence of {start + T} tokens is longer than context_length={config.context_length}")
+    low, high = int(idx.min()), int(idx.max())
+    if low < 0 or high >= config.vocab_size:
+        raise ValueError(f"token ids must be in [0, {config.vocab_size}), got values in [{low}, {high}]")
+    if position_ids is not None and (not isinstance(position_ids, Tensor) or position_ids.shape != (B, T)):
+        shape = tuple(position_ids.shape) if isinstance(position_ids, Tensor) else type(position_ids).__name__
+        raise ValueError(f"position_ids must be a tensor of shape {(B, T)}, got {shape}")
+    return start
+
+
+def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of ``logits`` ``(B, T, V)`` against ``targets`` ``(B, T)``, skipping ``-100``."""
+    if not isinstance(targets, Tensor) or targets.shape != logits.shape[:2]:
+        shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+        raise ValueError(f"targets must be a tensor of shape {tuple(logits.shape[:2])}, got {shape}")
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 class GPT(nn.Module):
@@ -216,7 +259,13 @@ class GPT(nn.Module):
         return [KVCache() for _ in range(self.config.n_layers)]
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, *, kv_cache: list[KVCache] | None = None
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        *,
+        kv_cache: list[KVCache] | None = None,
+        padding_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits for token ids ``idx`` of shape ``(B, T)``.
 
@@ -226,43 +275,24 @@ class GPT(nn.Module):
 
         ``kv_cache``: the list from ``new_kv_cache()``. ``idx`` then holds the tokens that follow
         the cached ones; positions start at the cache length, and the caches grow by ``T``.
-        """
-        if not isinstance(idx, Tensor):
-            raise TypeError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
-        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-            raise TypeError(f"idx must hold integer token ids, got dtype {idx.dtype}")
-        if idx.dim() != 2:
-            raise ValueError(f"idx must have shape (batch, tokens), got {tuple(idx.shape)}")
-        B, T = idx.shape
-        start = 0
-        if kv_cache is not None:
-            if len(kv_cache) != self.config.n_layers:
-                raise ValueError(f"kv_cache must hold {self.config.n_layers} caches (one per layer), got {len(kv_cache)}")
-            start = len(kv_cache[0])
-        if start + T > self.config.context_length:
-            raise ValueError(
-                f"sequence of {start + T} tokens is longer than context_length={self.config.context_length}"
-            )
-        if T == 0:
-            raise ValueError("idx must hold at least one token")
-        low, high = int(idx.min()), int(idx.max())
-        if low < 0 or high >= self.config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got values in [{low}, {high}]")
 
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        For a batch of prompts of different lengths, padded on the left (chapter "Generating
+        text"): ``padding_mask`` ``(B, T_cache + T)`` bool, ``True`` for real tokens (no query
+        attends to padding), and ``position_ids`` ``(B, T)``, the position of each token in its
+        own sequence (default: ``T_cache .. T_cache + T - 1`` for every row).
+        """
+        start = check_token_inputs(idx, self.config, kv_cache=kv_cache, position_ids=position_ids)
+        B, T = idx.shape
+        pos = torch.arange(start, start + T, device=idx.device) if position_ids is None else position_ids  # (T,) | (B, T)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, d_model)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache=None if kv_cache is None else kv_cache[i])
+            x = block(x, kv_cache=None if kv_cache is None else kv_cache[i], padding_mask=padding_mask)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if targets is None:
             return logits
-        if not isinstance(targets, Tensor) or targets.shape != idx.shape:
-            shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
-            raise ValueError(f"targets must be a tensor of shape {tuple(idx.shape)}, got {shape}")
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return logits, loss
+        return logits, next_token_loss(logits, targets)
 
     # --- GPT-2 checkpoints ------------------------------------------------------------------
     @classmethod
