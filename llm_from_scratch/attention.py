@@ -96,6 +96,22 @@ def scaled_dot_product_attention(
     return weights @ v  # (..., T_q, d_v)
 
 
+def with_padding(causal: Tensor, padding_mask: Tensor, batch: int) -> Tensor:
+    """Combine a causal mask ``(T, total)`` with a padding mask ``(B, total)`` (``True`` = real token).
+
+    Returns a bool mask ``(B, 1, T, total)``. A query that would see only padding (a pad token
+    before any real one) would get NaN from the softmax; it attends causally instead: its output
+    is meaningless but finite, and nothing reads it. Used by every attention module that takes
+    left-padded batches (chapter "Generating text").
+    """
+    B, total = batch, causal.shape[-1]
+    if not isinstance(padding_mask, Tensor) or padding_mask.shape != (B, total) or padding_mask.dtype != torch.bool:
+        got = f"{padding_mask.dtype} {tuple(padding_mask.shape)}" if isinstance(padding_mask, Tensor) else type(padding_mask).__name__
+        raise ValueError(f"padding_mask must be a bool tensor of shape {(B, total)}, got {got}")
+    combined = causal & padding_mask[:, None, None, :]  # (B, 1, T, total)
+    return torch.where(combined.any(dim=-1, keepdim=True), combined, causal)
+
+
 class KVCache:
     """The keys and values one attention layer has seen so far, for generation.
 
@@ -240,14 +256,7 @@ class MultiHeadAttention(nn.Module):
         if (past > 0 or padding_mask is not None) and not attend_all:
             mask = self.causal[past:total, :total]  # (T, total): query i sits at position past + i
         if padding_mask is not None:
-            if padding_mask.shape != (B, total) or padding_mask.dtype != torch.bool:
-                raise ValueError(
-                    f"padding_mask must be a bool tensor of shape {(B, total)}, got {padding_mask.dtype} {tuple(padding_mask.shape)}"
-                )
-            combined = mask & padding_mask[:, None, None, :]  # (B, 1, T, total)
-            # A query that sees only padding (a pad token before any real one) would get NaN;
-            # let it attend causally instead: its output is meaningless but finite.
-            mask = torch.where(combined.any(dim=-1, keepdim=True), combined, mask)
+            mask = with_padding(mask, padding_mask, B)  # (B, 1, T, total)
 
         dropout_p = self.dropout if self.training else 0.0
         if self.use_sdpa:

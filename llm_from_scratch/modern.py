@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llm_from_scratch.attention import KVCache, causal_mask, scaled_dot_product_attention
+from llm_from_scratch.attention import KVCache, causal_mask, scaled_dot_product_attention, with_padding
 from llm_from_scratch.model import check_token_inputs, next_token_loss
 
 ROPE_LAYOUTS = ("half", "interleaved")
@@ -259,13 +259,7 @@ class GroupedQueryAttention(nn.Module):
         total = past + T
         mask = self.causal[past:total, :total]  # (T, total): query i sits at position past + i
         if padding_mask is not None:
-            if padding_mask.shape != (B, total) or padding_mask.dtype != torch.bool:
-                raise ValueError(
-                    f"padding_mask must be a bool tensor of shape {(B, total)}, got {padding_mask.dtype} {tuple(padding_mask.shape)}"
-                )
-            combined = mask & padding_mask[:, None, None, :]  # (B, 1, T, total)
-            # A query that sees only padding would get NaN; let it attend causally (its output is unused).
-            mask = torch.where(combined.any(dim=-1, keepdim=True), combined, mask)
+            mask = with_padding(mask, padding_mask, B)  # (B, 1, T, total)
         group = self.n_heads // self.n_kv_heads
         if self.use_sdpa:
             # Fused kernel; enable_gqa lets query head h read key/value head h // group without copying.
