@@ -10,8 +10,15 @@ Commands (one function each, so that later chapters can add theirs, e.g. ``gener
 
   The folder holds ``run.json`` (the arguments), ``tokenizer.json``, ``train.bin`` / ``val.bin``
   (token ids), ``checkpoint.safetensors``, ``history.json`` / ``history.csv`` and ``loss.png``.
+  The same command runs data-parallel under ``torchrun`` (one process per device; DDP, or FSDP
+  with ``--parallel fsdp``; ``--batch-size`` is per process)::
 
-Explained in the chapter "Pre-training" (chapters/05_pretraining.ipynb).
+      torchrun --nproc_per_node 2 -m llm_from_scratch train --out runs/ddp --batch-size 8
+
+* ``generate``: text from a checkpoint (see ``generate.add_generate_parser``).
+
+Explained in the chapters "Pre-training" (chapters/05_pretraining.ipynb) and "Training on many
+devices" (chapters/07_distributed.ipynb).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+from llm_from_scratch.utils import atomic_write_text
 
 logger = logging.getLogger("llm_from_scratch")
 
@@ -62,6 +71,8 @@ def _add_train_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"),
+                   help="under torchrun: DistributedDataParallel (default) or fully sharded data parallel")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (TQDM_DISABLE=1 works too)")
     p.set_defaults(func=_cmd_train, parser=p)
 
@@ -126,8 +137,19 @@ def save_loss_plot(history: list[dict], path: Path) -> Path:
 
 
 def _cmd_train(args) -> int:
+    from llm_from_scratch import distributed
+
+    env, device = distributed.setup(args.device)
+    try:
+        return _train_run(args, env, device)
+    finally:
+        distributed.teardown()
+
+
+def _train_run(args, env, device) -> int:
     import torch
 
+    from llm_from_scratch import distributed
     from llm_from_scratch.model import GPT
     from llm_from_scratch.train import CHECKPOINT_NAME, TrainConfig, tokenizer_fingerprint, train
 
@@ -149,6 +171,7 @@ def _cmd_train(args) -> int:
         run = args.out
         if (run / "run.json").exists():
             raise ValueError(f"{run} already holds a run: continue it with --resume {run}, or pick another --out")
+        distributed.barrier()  # every rank has seen the folder empty before rank 0 fills it
         run.mkdir(parents=True, exist_ok=True)
         if args.max_steps is None:
             args.max_steps = 200
@@ -158,23 +181,34 @@ def _cmd_train(args) -> int:
             args.warmup_steps = min(100, args.max_steps // 10)
     record = {key: getattr(args, key) for key in (*_RUN_ARGS, "max_steps")}
 
+    if env.is_main:  # one process trains the tokenizer and writes the token files; the others wait
+        _prepare_data(args, run)
+    distributed.barrier()
     tokenizer, tok_path, train_data, val_data = _prepare_data(args, run)
     config = TrainConfig(
         max_steps=args.max_steps, batch_size=args.batch_size, context_length=args.context_length,
         grad_accum_steps=args.grad_accum_steps, max_lr=args.max_lr, min_lr=args.min_lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         eval_interval=args.eval_interval, eval_batches=args.eval_batches, seed=args.seed,
-        device=args.device, precision=args.precision, progress=not args.no_progress,
+        device=str(device), precision=args.precision, progress=not args.no_progress,
         decay_steps=args.decay_steps,
     )
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = GPT(_model_config(args, tokenizer.vocab_size))
-    logger.info("model: %s preset, %.2fM parameters", args.preset, model.num_parameters() / 1e6)
-    (run / "run.json").write_text(json.dumps(record, indent=1))  # before training: --resume needs it
+    if env.is_main:
+        logger.info("model: %s preset, %.2fM parameters; %d process(es)%s", args.preset,
+                    model.num_parameters() / 1e6, env.world_size, f" ({args.parallel})" if env.is_distributed else "")
+    if env.is_distributed:
+        torch.manual_seed(args.seed + env.rank)  # but each rank its own dropout masks
+        model = distributed.wrap_model(model, args.parallel, device=device)
+    if env.is_main:
+        atomic_write_text(run / "run.json", json.dumps(record, indent=1))  # before training: --resume needs it
     history = train(
         model, train_data, val_data, config, out_dir=run, resume_from=run if args.resume is not None else None,
         tokenizer=tokenizer_fingerprint(tok_path),
     )
+    if not env.is_main:
+        return 0
     plot = save_loss_plot(history, run / "loss.png")
     last = [r for r in history if "val_loss" in r][-1]
     print(f"step {last['step']}: validation loss {last['val_loss']:.4f}; "

@@ -291,12 +291,36 @@ class _Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
     @classmethod
     def current(cls) -> _Runtime:
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
         return cls()
+
+
+def _is_sharded(t: Tensor) -> bool:
+    """A ``DTensor``: a parameter (or optimizer state) sharded across processes by FSDP."""
+    return hasattr(t, "full_tensor") and hasattr(t, "placements")
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor on the CPU; for a sharded one this is a collective (every rank must call it)."""
+    if _is_sharded(t):
+        t = t.full_tensor()
+    return t.detach().contiguous().cpu()
+
+
+def _shard_like(full: Tensor, template: Tensor) -> Tensor:
+    """``full`` cut the way ``template`` (a DTensor) is; every rank holds ``full``, so no traffic."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(template.device, template.dtype), template.device_mesh, template.placements,
+                             src_data_rank=None)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -350,13 +374,23 @@ def _check_token_source(name: str, data, min_tokens: int, hint: str) -> None:
         raise ValueError(f"{name} has {len(data)} tokens, fewer than {hint} = {min_tokens}")
 
 
-def _sample_batch(data, batch_size: int, context_length: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """A random batch ``(inputs, targets)``, each ``(B, T)`` int64; draws only from ``generator``."""
+def _sample_batch(
+    data, batch_size: int, context_length: int, generator: torch.Generator, runtime: _Runtime = _Runtime()
+) -> tuple[Tensor, Tensor]:
+    """This process's share of a random batch: ``(inputs, targets)``, each ``(B, T)`` int64.
+
+    Every rank draws the same global batch of ``batch_size * world_size`` windows from
+    ``generator`` (seeded alike on every rank) and keeps rows ``rank * B`` to ``(rank + 1) * B``,
+    like ``DistributedSampler``: the ranks' shards never overlap, and together they are
+    exactly the batch one process would draw with ``batch_size * world_size``.
+    """
+    global_batch = batch_size * runtime.world_size
     if hasattr(data, "get_batch"):
-        x, y = data.get_batch(batch_size, context_length, generator)
+        x, y = data.get_batch(global_batch, context_length, generator)
     else:
-        x, y = _get_batch_from_array(data, batch_size, context_length, generator)
-    return x.long(), y.long()
+        x, y = _get_batch_from_array(data, global_batch, context_length, generator)
+    rows = slice(runtime.rank * batch_size, (runtime.rank + 1) * batch_size)
+    return x[rows].long(), y[rows].long()
 
 
 def _eval_windows(n_tokens: int, context_length: int, n_windows: int) -> list[int]:
@@ -457,12 +491,17 @@ def train_step(
                 _, loss = model(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
             (loss / k).backward()
         total += loss.detach().float()
+    runtime = _Runtime.current()
+    if runtime.is_distributed:  # the loss of the global batch, the same on every rank (and so is a NaN stop)
+        torch.distributed.all_reduce(total)
+        total /= runtime.world_size
     mean_loss = (total / k).item()
     if not math.isfinite(mean_loss):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"the loss is {mean_loss}: the update was not applied")
     if grad_clip is not None:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        grad_norm = float(norm.full_tensor() if _is_sharded(norm) else norm)  # FSDP: a replicated DTensor
     else:
         grad_norm = float("nan")
     optimizer.step()
@@ -504,12 +543,26 @@ def _rng_state(generator: torch.Generator | None) -> tuple[dict[str, Tensor], di
     return tensors, meta
 
 
+def _process_rng() -> dict[str, Tensor]:
+    """This process's torch generators (the CPU's and its current GPU's)."""
+    states = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["torch_cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
 def _restore_rng(tensors: dict[str, Tensor], meta: dict[str, Any], generator: torch.Generator | None) -> None:
     torch.set_rng_state(tensors["rng.torch_cpu"])
     cuda = sorted(k for k in tensors if k.startswith("rng.torch_cuda."))
     if cuda and torch.cuda.is_available():
         states = [tensors[k] for k in sorted(cuda, key=lambda k: int(k.rsplit(".", 1)[1]))]
         torch.cuda.set_rng_state_all(states[: torch.cuda.device_count()])
+    runtime = _Runtime.current()
+    own = f"rng.rank{runtime.rank}."
+    if runtime.is_distributed and own + "torch_cpu" in tensors:  # a distributed run: each rank its own
+        torch.set_rng_state(tensors[own + "torch_cpu"])
+        if own + "torch_cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors[own + "torch_cuda"])
     if generator is not None and "rng.batch_generator" in tensors:
         generator.set_state(tensors["rng.batch_generator"])
     npm = meta["numpy"]
@@ -552,31 +605,40 @@ def save_checkpoint(
     configurations, the data position ``data_state``, the tokenizer fingerprint, the
     optimizer's hyperparameters, Python's RNG state, the history and a sha256 of all tensors.
     Nothing is pickled, so loading cannot run code.
+
+    Under ``torchrun`` every rank must call it (it is a collective): parameters and optimizer
+    state sharded by FSDP are gathered whole, each rank's random number generators are
+    collected (``rng.rank<r>.*``), and rank 0 alone writes the file.
     """
     inner = _unwrap(model)
+    runtime = _Runtime.current()
     tensors: dict[str, Tensor] = {}
     aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for name, t in inner.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if t.numel() and key in seen:  # a tied weight: store it once
-            aliases[name] = seen[key]
+    seen: dict[int, str] = {}
+    for name, t in inner.state_dict(keep_vars=True).items():
+        if t.numel() and id(t) in seen:  # a tied weight (one Parameter under two names): store it once
+            aliases[name] = seen[id(t)]
             continue
-        seen[key] = name
-        tensors[f"model.{name}"] = t.detach().contiguous().cpu()
+        seen[id(t)] = name
+        tensors[f"model.{name}"] = _full(t)
     optim_meta = None
     if optimizer is not None:
         sd = optimizer.state_dict()
         scalar_state: dict[str, dict[str, Any]] = {}
-        for pid, state in sd["state"].items():
-            for key, value in state.items():
+        for pid, state in sorted(sd["state"].items()):  # one order on every rank: gathers pair up
+            for key, value in sorted(state.items()):
                 if torch.is_tensor(value):
-                    tensors[f"optimizer.state.{pid}.{key}"] = value.detach().contiguous().cpu()
+                    tensors[f"optimizer.state.{pid}.{key}"] = _full(value)
                 else:
                     scalar_state.setdefault(str(pid), {})[key] = value
         optim_meta = {"class": type(optimizer).__name__, "param_groups": sd["param_groups"], "scalar_state": scalar_state}
     rng_tensors, rng_meta = _rng_state(generator)
     tensors.update(rng_tensors)
+    if runtime.is_distributed:  # dropout differs between ranks: keep every rank's generators
+        per_rank: list[Any] = [None] * runtime.world_size
+        torch.distributed.all_gather_object(per_rank, _process_rng())
+        for rank, states in enumerate(per_rank):
+            tensors.update({f"rng.rank{rank}.{name}": state for name, state in states.items()})
     meta = {
         "format": CHECKPOINT_FORMAT,
         "step": int(step),
@@ -591,9 +653,11 @@ def save_checkpoint(
         "history": history or [],
         "tensors_sha256": _tensor_digest(tensors),
     }
-    blob = _st_save(tensors, metadata={"llm_from_scratch": json.dumps(meta)})
     path = Path(path)
-    atomic_write_bytes(path, blob)
+    if runtime.is_main:
+        atomic_write_bytes(path, _st_save(tensors, metadata={"llm_from_scratch": json.dumps(meta)}))
+    if runtime.is_distributed:  # nobody reads the file before it is complete
+        torch.distributed.barrier()
     return path
 
 
@@ -662,6 +726,9 @@ def load_checkpoint(
         state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
         for alias, target in meta["aliases"].items():
             state[alias] = state[target]
+        for name, t in inner.state_dict().items():  # FSDP: each rank keeps its shard of the whole tensor
+            if _is_sharded(t) and name in state:
+                state[name] = _shard_like(state[name], t)
         try:
             inner.load_state_dict(state, strict=True)
         except RuntimeError as err:
@@ -677,6 +744,12 @@ def load_checkpoint(
                 opt_state.setdefault(int(pid), {})[name] = value
         for pid, values in om["scalar_state"].items():
             opt_state.setdefault(int(pid), {}).update(values)
+        params = [p for group in optimizer.param_groups for p in group["params"]]  # state ids count these
+        for pid, values in opt_state.items():
+            if pid < len(params) and _is_sharded(params[pid]):
+                for name, value in values.items():
+                    if torch.is_tensor(value) and value.shape == params[pid].shape:
+                        values[name] = _shard_like(value, params[pid])
         groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
                   for g in om["param_groups"]]
         try:
@@ -738,8 +811,16 @@ def train(
 
     ``train_data`` / ``val_data``: token ids (a ``TokenFile``, a 1-D tensor or a numpy array).
     Every optimizer step draws ``grad_accum_steps`` random batches of ``batch_size`` windows
-    from a ``torch.Generator`` seeded with ``config.seed`` (plus the rank under torchrun):
-    that generator's state and the number of batches drawn are the data position.
+    from a ``torch.Generator`` seeded with ``config.seed``: that generator's state and the
+    number of batches drawn are the data position.
+
+    Under ``torchrun`` (a process group initialised, the model wrapped in
+    ``DistributedDataParallel`` or sharded with FSDP; see ``llm_from_scratch.distributed``) the
+    same call trains with ``world_size`` processes: every rank draws the same global batch of
+    ``batch_size * world_size`` windows and keeps its own ``batch_size`` rows, so a step sees
+    the batch one process would see with ``batch_size * world_size``. The logged loss is
+    averaged over the ranks; checkpoints are gathered by every rank and written by rank 0,
+    which alone writes the history and shows the progress bar.
 
     History rows: every ``log_interval`` steps ``{"step", "tokens", "lr", "train_loss",
     "grad_norm", "tokens_per_s", "mfu"?}`` (``train_loss`` averaged since the last row), and at
@@ -779,7 +860,7 @@ def train(
         model, lr=config.max_lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps,
         fused=config.fused_optimizer,
     )
-    generator = torch.Generator().manual_seed(config.seed + runtime.rank)
+    generator = torch.Generator().manual_seed(config.seed)  # the same stream on every rank
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / CHECKPOINT_NAME if out is not None else None
     step, batches_drawn, history = 0, 0, []
@@ -801,6 +882,12 @@ def train(
                 f"{resume_path} was trained with another tokenizer: sha256 {saved_tok.get('sha256')} "
                 f"({saved_tok.get('path')}), now {now_tok.get('sha256')} ({now_tok.get('path')})"
             )
+        saved_world = saved["data_state"].get("world_size", 1)
+        if saved_world != runtime.world_size:
+            raise ValueError(
+                f"{resume_path} was trained with {saved_world} process(es), now {runtime.world_size}: the global "
+                f"batch would change; resume with torchrun --nproc_per_node {saved_world} (or without torchrun for 1)"
+            )
         step = saved["step"]
         batches_drawn = saved["data_state"].get("batches_drawn", 0)
         history = list(saved["history"])
@@ -812,7 +899,9 @@ def train(
 
     def do_eval(at_step: int) -> dict:
         row: dict[str, Any] = {"step": at_step, "tokens": at_step * tokens_per_step}
-        kwargs = dict(batch_size=config.batch_size, context_length=context_length,
+        # Every rank evaluates the same windows, in batches of the global batch size: the numbers
+        # are those of a single process (sharding the evaluation is left as an exercise).
+        kwargs = dict(batch_size=config.batch_size * runtime.world_size, context_length=context_length,
                       max_batches=config.eval_batches, device=device, precision=config.precision)
         if val_data is not None:
             row["val_loss"] = evaluate(model, val_data, **kwargs)
@@ -824,15 +913,15 @@ def train(
                 callback(at_step, model, row)
         return row
 
-    def do_checkpoint(at_step: int) -> None:
-        if out is None or not runtime.is_main:
-            return
+    def do_checkpoint(at_step: int) -> None:  # every rank takes part; rank 0 writes
         save_checkpoint(
             ckpt_path, model, optimizer, step=at_step, train_config=config, generator=generator,
-            data_state={"batches_drawn": batches_drawn, "generator_seed": config.seed + runtime.rank},
+            data_state={"batches_drawn": batches_drawn, "generator_seed": config.seed,
+                        "world_size": runtime.world_size},
             tokenizer=tokenizer, history=history,
         )
-        write_history(history, out)
+        if runtime.is_main:
+            write_history(history, out)
 
     model.train()
     if step == 0 and config.eval_at_start and (val_data is not None or config.eval_train):
@@ -847,7 +936,7 @@ def train(
             t0 = time.perf_counter()
             lr = lr_at(step, max_lr=config.max_lr, min_lr=config.resolved_min_lr,
                        warmup_steps=config.warmup_steps, decay_steps=config.resolved_decay_steps)
-            micro = [_sample_batch(train_data, config.batch_size, context_length, generator)
+            micro = [_sample_batch(train_data, config.batch_size, context_length, generator, runtime)
                      for _ in range(config.grad_accum_steps)]
             batches_drawn += config.grad_accum_steps
             try:
