@@ -483,9 +483,11 @@ def train_step(
     total = torch.zeros((), device=device)
     for i, (inputs, targets) in enumerate(micro_batches):
         last = i == k - 1
-        # Under DistributedDataParallel, gradients are averaged across processes only once,
-        # on the last micro-batch.
+        # Data-parallel: gradients are averaged across processes only once, on the last
+        # micro-batch (DDP's no_sync; FSDP keeps unsharded gradients until then).
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        if hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(last)
         with sync:
             with _autocast(device, autocast_dtype):
                 _, loss = model(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
