@@ -1,16 +1,22 @@
 """Greedy generation on the CPU: our ``generate`` with and without the KV cache vs Hugging Face ``generate``.
 
     .venv/bin/python benchmarks/generate.py [--new-tokens 512] [--no-cache-tokens 64] [--prompt-length 16]
-                                            [--preset gpt2_small] [--threads 0] [--repeats 2]
+                                            [--preset gpt2_small] [--threads 0] [--repeats 3]
 
 A GPT-2-small-sized model with random weights (seeded) is built with our ``GPT`` and the same weights are loaded
 into ``transformers.GPT2LMHeadModel`` (through HF's own GPT-2 state-dict layout, the inverse of
 ``GPT.from_hf_gpt2``). All three generate greedily from the same prompt; the tokens are checked to be identical before
-the table is printed. The table gives tokens/s (new tokens / wall time, prefill included, best of ``--repeats``
-runs) and the ratios:
+the table is printed. Ours with the cache and HF are timed in ``--repeats`` pairs, the order alternating (HF first,
+then ours first, ...) so that a machine shared with other programs slows both alike. The table gives tokens/s (new
+tokens / wall time, prefill included, median of the runs) and the ratios:
 
 * ``cache speed-up``: ours with the cache / ours without it (target: >= 10x at 512 new tokens);
-* ``vs HF``: ours with the cache / HF ``generate(use_cache=True)`` (target: >= 1).
+* ``vs HF``: ours with the cache / HF ``generate(use_cache=True)`` (target: >= 1): the median of the pairs' ratios,
+  each pair listed. The load average (``os.getloadavg``) before and after is printed: compare runs on an idle machine.
+
+Both run in float32 with the same number of torch threads (``--threads``). Ours spreads each one-token matrix-vector
+product over those threads (``llm_from_scratch.generate._ParallelMatVec``); with ``--threads 1`` it has none to spread
+over. HF's model sends its products to MKL's matrix-vector routine, which is no faster on two threads than on one.
 
 Without the cache every step recomputes the whole sequence, so its total cost grows with the square of the length:
 on a 2-core CPU all 512 tokens take most of an hour. ``--no-cache-tokens N`` (default 64) runs the real uncached loop
@@ -24,7 +30,9 @@ step and summed. The table shows that estimate next to the measured N-token run 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import statistics
 import time
 
 import torch
@@ -55,13 +63,21 @@ def to_hf(model: GPT):
     return hf.eval()
 
 
-def _best(fn, repeats: int) -> tuple[float, torch.Tensor]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+def _timed(fn) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def _pairs(ours, reference, repeats: int) -> tuple[list[float], list[float], torch.Tensor, torch.Tensor]:
+    """Times ``ours`` and ``reference`` in ``repeats`` back-to-back pairs, alternating which goes first."""
+    times: dict = {ours: [], reference: []}
+    outputs: dict = {}
+    for r in range(repeats):
+        for fn in ((reference, ours) if r % 2 == 0 else (ours, reference)):
+            t, outputs[fn] = _timed(fn)
+            times[fn].append(t)
+    return times[ours], times[reference], outputs[ours], outputs[reference]
 
 
 def main() -> None:
@@ -73,7 +89,8 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=16)
     parser.add_argument("--preset", default="gpt2_small")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs of the cached contenders (best kept)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed (HF, ours) pairs of the cached contenders, alternating order (median kept)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
@@ -101,9 +118,11 @@ def main() -> None:
     # Warm-up (allocator, thread pools), then the checks on a short run.
     for fn in (ours_cache, hf_cache, ours_nocache):
         fn(8)
-    t_hf, out_hf = _best(hf_cache, args.repeats)
-    t_cache, out_cache = _best(ours_cache, args.repeats)
-    t_nocache, out_nocache = _best(ours_nocache, 1)
+    load_before = os.getloadavg()
+    times_cache, times_hf, out_cache, out_hf = _pairs(ours_cache, hf_cache, max(1, args.repeats))
+    ratios = [h / o for h, o in zip(times_hf, times_cache, strict=True)]  # per pair: > 1 means ours is faster
+    t_cache, t_hf = statistics.median(times_cache), statistics.median(times_hf)
+    t_nocache, out_nocache = _timed(ours_nocache)
     if not torch.equal(out_cache, out_hf):
         same = int((out_cache == out_hf).long().cumprod(dim=1).sum()) - args.prompt_length
         raise SystemExit(f"our cached tokens differ from HF's after {same} new tokens")
@@ -149,6 +168,7 @@ def main() -> None:
           f"prompt {args.prompt_length} tokens, {n_new} new tokens; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print("tokens identical: ours with cache == HF (all new tokens) == ours without cache (the tokens it made)")
+    print(f"cached contenders: median of {len(times_cache)} runs each")
     print(f"| {'contender':<40} | {'time (s)':>9} | {'tokens/s':>9} |")
     print(f"|{'-' * 42}|{'-' * 11}|{'-' * 11}|")
     for name, r in rate.items():
@@ -160,8 +180,12 @@ def main() -> None:
         lower = rate["ours, KV cache"] / rate[f"ours, no cache ({n_nocache} tokens)"]
         print(f"  lower bound, measured only: ours cache over {n_new} / ours no cache over its first {n_nocache}:"
               f" {lower:.1f}x")
-    print(f"vs HF (ours cache / HF cache): {rate['ours, KV cache'] / rate['HF GPT2LMHeadModel.generate, cache']:.2f}x"
-          "   target >= 1")
+    pairs = ", ".join(f"{r:.3f}" for r in ratios)
+    print(f"vs HF (HF time / ours, median of {len(ratios)} alternating pairs): {statistics.median(ratios):.2f}x "
+          f"(pairs: {pairs})   target >= 1")
+    load_after = os.getloadavg()
+    print(f"load average (1, 5, 15 min) before the timed runs: {', '.join(f'{x:.2f}' for x in load_before)}; "
+          f"after: {', '.join(f'{x:.2f}' for x in load_after)}")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,18 @@ optimizer (``configure_optimizer``: AdamW, fused where available, weight decay o
 the same step (``train_step``: forward, backward, gradient clipping, optimizer step). Only the
 model differs. A third row times HF's model the way HF users usually train it: its own loss
 (``labels=``) and ``torch.optim.AdamW`` with its defaults (not fused). The models are timed in
-alternating rounds so that a machine shared with other programs slows them alike; the table
-shows the median of the rounds and the ratio.
+rounds of ``--steps`` steps each, one after the other, the order reversed every round, so that
+a machine shared with other programs slows them alike. The table shows each model's median
+time per step and the median (and range) of the per-round ratios to ours. On the CPU with one
+thread the ratio of process CPU time is printed too: it does not count the time other programs
+hold the core, so it stays close to the idle machine's ratio under load. The load average
+before and after the timed rounds is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -60,16 +65,16 @@ class HFOwnLoss(HFAdapter):
         return out.logits, out.loss
 
 
-def time_steps(model, optimizer, batches, amp_dtype, device) -> float:
-    """Seconds per optimizer step over ``batches`` (one batch per step)."""
+def time_steps(model, optimizer, batches, amp_dtype, device) -> tuple[float, float]:
+    """Seconds per optimizer step over ``batches`` (one batch per step): wall clock and process CPU time."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for x, y in batches:
         train_step(model, optimizer, [(x, y)], grad_clip=1.0, autocast_dtype=amp_dtype)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / len(batches)
+    return (time.perf_counter() - start) / len(batches), (time.process_time() - start_cpu) / len(batches)
 
 
 def main() -> None:
@@ -104,7 +109,7 @@ def main() -> None:
     config = GPTConfig(**{**vars(base), **overrides})
     batch_size = args.batch_size or (16 if gpu else 8)
     steps = args.steps or (10 if gpu else 5)
-    rounds = args.rounds or 3
+    rounds = args.rounds or 5
     amp_dtype = resolve_precision(args.precision, device)
 
     torch.manual_seed(0)
@@ -125,9 +130,14 @@ def main() -> None:
     for name, m in models.items():  # warm-up: allocator, kernels, compilation
         time_steps(m, optimizers[name], batches[:2], amp_dtype, device)
     times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, m in models.items():
-            times[name].append(time_steps(m, optimizers[name], batches, amp_dtype, device))
+    cpu_times: dict[str, list[float]] = {name: [] for name in models}
+    load_before = os.getloadavg()
+    for r in range(rounds):
+        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):  # ABC, CBA, ABC, ...
+            wall, cpu = time_steps(models[name], optimizers[name], batches, amp_dtype, device)
+            times[name].append(wall)
+            cpu_times[name].append(cpu)
+    load_after = os.getloadavg()
 
     tokens_per_step = batch_size * config.context_length
     flops_per_token = estimate_flops_per_token(config)
@@ -139,14 +149,24 @@ def main() -> None:
           f"context={config.context_length} vocab={config.vocab_size}; batch {batch_size}; "
           f"{steps} steps x {rounds} rounds; {flops_per_token / 1e6:.1f} MFLOP/token")
     print()
-    print("| model | parameters | ms/step | tokens/s | MFU | ours is faster by |")
+    print("| model | parameters | ms/step | tokens/s | MFU | ours is faster by (median of rounds, range) |")
     print("|---|---:|---:|---:|---:|---:|")
-    ours = statistics.median(times["ours (GPT)"])
+    ours = "ours (GPT)"
     for name in models:
         t = statistics.median(times[name])
         tps = tokens_per_step / t
         mfu = f"{tps * flops_per_token / peak:.1%}" if peak else "n/a"
-        print(f"| {name} | {n_params[name] / 1e6:.2f}M | {t * 1000:.1f} | {tps:,.0f} | {mfu} | {t / ours:.2f}x |")
+        ratios = [a / b for a, b in zip(times[name], times[ours], strict=True)]
+        print(f"| {name} | {n_params[name] / 1e6:.2f}M | {t * 1000:.1f} | {tps:,.0f} | {mfu} | "
+              f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")
+    print()
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        cpu_ratios = {name: statistics.median(a / b for a, b in zip(cpu_times[name], cpu_times[ours], strict=True))
+                      for name in models if name != ours}
+        print("process CPU time, ours is faster by (median of rounds): "
+              + "; ".join(f"{name} {r:.2f}x" for name, r in cpu_ratios.items()))
+    print(f"load average (1, 5, 15 min) before the timed rounds: {', '.join(f'{x:.2f}' for x in load_before)}; "
+          f"after: {', '.join(f'{x:.2f}' for x in load_after)}")
     print()
     print("Rows 1-2: same step, loss and optimizer (configure_optimizer); only the model differs. Row 3: HF's")
     print("model with its own loss and torch.optim.AdamW's defaults (foreach), as HF training code usually does.")

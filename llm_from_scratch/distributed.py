@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llm_from_scratch.train import _Runtime
 from llm_from_scratch.utils import get_device
 
 #: Data-parallel strategies ``wrap_model`` knows.
@@ -48,21 +49,14 @@ BYTES_PER_PARAMETER = {
 
 
 @dataclass(frozen=True)
-class DistributedEnv:
-    """Where this process stands: ``rank`` among ``world_size`` processes, ``local_rank`` on its machine."""
+class DistributedEnv(_Runtime):
+    """Where this process stands: ``rank`` among ``world_size`` processes, ``local_rank`` on its machine.
 
-    rank: int = 0
+    ``is_main`` (rank 0: the process that logs and writes files) and ``is_distributed``
+    (``world_size > 1``) come from the trainer's own view of the ranks.
+    """
+
     local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the process that logs and writes files."""
-        return self.rank == 0
-
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def read_torchrun_env(environ: Mapping[str, str] | None = None) -> DistributedEnv:

@@ -21,11 +21,18 @@ goes on with a *sliding window*: each step the model sees only the last ``contex
 tokens (positions counted from the window's start). With learned absolute positions a cache
 cannot slide (every cached key was computed at its old position), so from that point on each
 step recomputes the whole window, with or without ``use_cache``: the two give the same tokens.
+
+Speed on the CPU: a decode step is one matrix-vector product per weight matrix, bound by
+reading the weights from memory. PyTorch's BLAS computes one no faster on several threads
+than on one, so while generating, the model's ``nn.Linear`` layers compute a one-token
+product as a batch of row slices, which does run on every thread (``_ParallelMatVec``); the
+weights themselves are untouched.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -34,6 +41,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
@@ -175,6 +183,67 @@ def _positions(mask: Tensor) -> Tensor:
     return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
+def _one_token_linear(weight: Tensor, bias: Tensor | None, parts: int, x: Tensor) -> Tensor:
+    """``F.linear(x, weight, bias)``, for one token computed as ``parts`` slices of the output at once.
+
+    ``weight`` ``(out, in)`` is viewed (no copy) as ``parts`` matrices of ``out // parts`` rows
+    and one batched product (``torch.baddbmm``) computes the slices: PyTorch's BLAS spreads a
+    batch over the CPU's threads, which a single matrix-vector product does not gain from.
+    Anything but one token without gradients goes to ``F.linear``.
+    """
+    out_features, in_features = weight.shape
+    if x.numel() != in_features or torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    w = weight.view(parts, out_features // parts, in_features).transpose(1, 2)  # (parts, in, out/parts): a view
+    x_parts = x.reshape(1, 1, in_features).expand(parts, 1, in_features)
+    y = torch.bmm(x_parts, w) if bias is None else torch.baddbmm(bias.view(parts, 1, -1), x_parts, w)
+    return y.view(*x.shape[:-1], out_features)  # (parts, 1, out/parts) -> (..., out): slices in order
+
+
+#: Smaller weight matrices are multiplied as they are: splitting them costs more than it saves.
+_MIN_SPLIT_NUMEL = 2**17
+
+
+class _ParallelMatVec:
+    """Inside ``with``: the model's ``nn.Linear`` layers compute a one-token product on all CPU threads.
+
+    A decode step multiplies one token's vector by every weight matrix: matrix-vector products
+    that read each matrix once, so memory traffic sets the speed. On the CPU, PyTorch's BLAS
+    (MKL) computes such a product as fast on one thread as on two, reading about 20 GB/s on
+    the course's machine; cut into slices of rows computed as one batch
+    (``_one_token_linear``) it uses every thread and reads about 33 GB/s
+    (benchmarks/RESULTS.md, "Generation"). The float32 CPU layers
+    whose number of outputs splits into at least as many slices as threads (of 16 rows or
+    more) get that ``forward`` for the duration of ``with``, then their own again. The weights
+    are not copied or changed; each output is still one dot product, in the BLAS's order.
+    Multi-token inputs (the prompt) and anything with gradients run ``F.linear`` as usual.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers: list[tuple[nn.Linear, functools.partial]] = []
+        threads = torch.get_num_threads()
+        if threads < 2 or hasattr(model, "_orig_mod"):  # one thread: nothing to gain; compiled models: as they are
+            return
+        for module in model.modules():
+            w = getattr(module, "weight", None) if isinstance(module, nn.Linear) else None
+            if (w is None or w.dim() != 2 or w.numel() < _MIN_SPLIT_NUMEL or w.device.type != "cpu"
+                    or w.dtype != torch.float32 or type(w.data) is not Tensor or not w.is_contiguous()
+                    or "forward" in vars(module)):
+                continue  # small, GPU, other dtypes, sharded (DTensor), unusual or already patched: as they are
+            out_features = w.size(0)
+            parts = next((d for d in range(threads, out_features // 16 + 1) if out_features % d == 0), None)
+            if parts is not None:  # GPT-2: 2 slices per block matrix, 29 for the 50,257-token output layer
+                self.layers.append((module, functools.partial(_one_token_linear, w, module.bias, parts)))
+
+    def __enter__(self) -> None:
+        for module, forward in self.layers:
+            module.forward = forward  # an instance attribute: found before nn.Linear.forward
+
+    def __exit__(self, *exc) -> None:
+        for module, _ in self.layers:
+            del module.forward
+
+
 def stream_generate(
     model: nn.Module,
     idx: Tensor,
@@ -217,9 +286,12 @@ def _decode(model, idx, max_new_tokens, sampling, eos_id, use_cache, attention_m
     cache, cached = None, 0  # the key/value caches and how many tokens they hold
     was_training = model.training
     model.eval()  # no dropout while generating
+    # One token per step: every weight matrix is read for one matrix-vector product; on the CPU,
+    # spread each product over all threads (see _ParallelMatVec).
+    parallel = _ParallelMatVec(model)
     try:
         for _ in range(max_new_tokens):
-            with torch.no_grad():
+            with torch.no_grad(), parallel:
                 total = seq.size(1)
                 kwargs = {}
                 if use_cache and total <= context_length:

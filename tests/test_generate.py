@@ -129,6 +129,63 @@ def test_ragged_batch_sliding_window():
         assert torch.equal(out[1, 6:], _reference_greedy(model, prompts[1][None], 7)[0][0, 6:])
 
 
+@pytest.mark.parametrize("out_features,bias", [(96, True), (128, False), (58, True), (64, True)])
+def test_one_token_linear_matches_f_linear(out_features, bias):
+    from llm_from_scratch.generate import _one_token_linear
+
+    g = torch.Generator().manual_seed(out_features)
+    layer = torch.nn.Linear(40, out_features, bias=bias)
+    x = torch.randn(1, 1, 40, generator=g)
+    parts = 29 if out_features == 58 else 2
+    with torch.no_grad():
+        torch.testing.assert_close(_one_token_linear(layer.weight, layer.bias, parts, x), layer(x), atol=1e-6, rtol=0)
+        torch.testing.assert_close(_one_token_linear(layer.weight, layer.bias, parts, x[0]), layer(x[0]), atol=1e-6,
+                                   rtol=0)
+        rows = torch.randn(2, 3, 40, generator=g)  # several tokens: F.linear itself
+        assert torch.equal(_one_token_linear(layer.weight, layer.bias, parts, rows), layer(rows))
+
+
+def test_decode_steps_split_the_linear_layers_and_leave_the_model_alone(monkeypatch):
+    import llm_from_scratch.generate as gen
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the split needs 2 threads or more
+    monkeypatch.setattr(gen, "_MIN_SPLIT_NUMEL", 0)  # and matrices larger than this test's
+    model = _model(context_length=48)
+    params = {name: (p.data_ptr(), p.stride(), p.detach().clone()) for name, p in model.named_parameters()}
+    split_seen = []
+    hooks = [m.register_forward_pre_hook(lambda module, args: split_seen.append("forward" in vars(module)))
+             for m in (model.transformer.h[0].mlp.c_fc, model.lm_head)]
+    idx = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(6))
+    n = 50  # 55 tokens: past the window of 48 too
+    ref_seq, ref_logits = _reference_greedy(model, idx, n)
+    split_seen.clear()
+    stream = stream_generate(model, idx, n, temperature=0.0, return_logits=True)
+    steps = [next(stream) for _ in range(3)]
+    # Suspended between steps: every layer has its own forward again.
+    assert not any("forward" in vars(m) for m in model.modules())
+    steps += list(stream)
+    for h in hooks:
+        h.remove()
+    # c_fc (128 outputs) is split at every one-token step; lm_head (97 outputs, prime) never is.
+    c_fc_calls, head_calls = split_seen[0::2], split_seen[1::2]
+    assert c_fc_calls[0] and not head_calls[0]  # the prompt (5 tokens) runs F.linear inside the split forward
+    assert all(c_fc_calls) and not any(head_calls)
+    assert torch.equal(torch.cat([idx, torch.stack([t for t, _ in steps], 1)], 1), ref_seq)
+    for (_, logits), ref in zip(steps, ref_logits, strict=True):
+        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+    for name, p in model.named_parameters():
+        ptr, stride, value = params[name]
+        assert p.data_ptr() == ptr and p.stride() == stride and torch.equal(p, value), name
+    # One thread: nothing to split.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    hook = model.transformer.h[0].mlp.c_fc.register_forward_pre_hook(
+        lambda module, args: split_seen.append("forward" in vars(module)))
+    split_seen.clear()
+    assert torch.equal(generate(model, idx, 4, temperature=0.0), ref_seq[:, :9])
+    hook.remove()
+    assert split_seen and not any(split_seen)
+
+
 def test_model_mode_restored_and_one_dimensional_prompt():
     model = _model().train()
     out = generate(model, torch.tensor([1, 2, 3]), 4, temperature=0.0)
