@@ -181,10 +181,12 @@ def _train_run(args, env, device) -> int:
             args.warmup_steps = min(100, args.max_steps // 10)
     record = {key: getattr(args, key) for key in (*_RUN_ARGS, "max_steps")}
 
-    if env.is_main:  # one process trains the tokenizer and writes the token files; the others wait
-        _prepare_data(args, run)
+    if env.is_main:  # one process trains the tokenizer and writes the token files; the others wait, then read them
+        prepared = _prepare_data(args, run)
     distributed.barrier()
-    tokenizer, tok_path, train_data, val_data = _prepare_data(args, run)
+    if not env.is_main:
+        prepared = _prepare_data(args, run)
+    tokenizer, tok_path, train_data, val_data = prepared
     config = TrainConfig(
         max_steps=args.max_steps, batch_size=args.batch_size, context_length=args.context_length,
         grad_accum_steps=args.grad_accum_steps, max_lr=args.max_lr, min_lr=args.min_lr,

@@ -88,13 +88,9 @@ def backend_for(device: torch.device | str) -> str:
 
 def current_env() -> DistributedEnv:
     """This process's place in the initialised process group (rank 0 of 1 when there is none)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return DistributedEnv(
-            rank=torch.distributed.get_rank(),
-            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-            world_size=torch.distributed.get_world_size(),
-        )
-    return DistributedEnv()
+    runtime = _Runtime.current()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if runtime.is_distributed else 0
+    return DistributedEnv(rank=runtime.rank, world_size=runtime.world_size, local_rank=local_rank)
 
 
 def setup(
