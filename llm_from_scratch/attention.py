@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llm_from_scratch.linear import Linear  # nn.Linear, its CPU products on oneDNN (chapter 5)
+
 
 def causal_mask(
     length: int, device: torch.device | str | None = None, *, key_length: int | None = None
@@ -211,8 +213,8 @@ class MultiHeadAttention(nn.Module):
         self.context_length = context_length
         self.dropout = dropout
         self.use_sdpa = use_sdpa
-        self.c_attn = nn.Linear(d_model, 3 * d_model, bias=bias)  # queries, keys, values of all heads
-        self.c_proj = nn.Linear(d_model, d_model, bias=bias)  # mixes the heads' outputs
+        self.c_attn = Linear(d_model, 3 * d_model, bias=bias)  # queries, keys, values of all heads
+        self.c_proj = Linear(d_model, d_model, bias=bias)  # mixes the heads' outputs
         self.resid_dropout = nn.Dropout(dropout)
         # Lower-triangular mask for the explicit path; not saved in checkpoints.
         self.register_buffer("causal", causal_mask(context_length), persistent=False)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm_from_scratch.attention import KVCache, MultiHeadAttention
+from llm_from_scratch.linear import Linear  # nn.Linear, its CPU products on oneDNN (chapter 5)
 
 #: Index that ``GPT.forward`` ignores in ``targets`` (the cross-entropy default).
 IGNORE_INDEX = -100
@@ -127,9 +128,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.d_model, 4 * config.d_model, bias=config.bias)
+        self.c_fc = Linear(config.d_model, 4 * config.d_model, bias=config.bias)
         self.gelu = nn.GELU(approximate=config.gelu_approximate)  # GPT-2 uses the tanh approximation
-        self.c_proj = nn.Linear(4 * config.d_model, config.d_model, bias=config.bias)
+        self.c_proj = Linear(4 * config.d_model, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -223,7 +224,7 @@ class GPT(nn.Module):
                 ln_f=nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias),
             )
         )
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight  # one tensor, two uses
         self.apply(self._init_weights)

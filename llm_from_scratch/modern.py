@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm_from_scratch.attention import KVCache, causal_mask, scaled_dot_product_attention, with_padding
+from llm_from_scratch.linear import Linear
 from llm_from_scratch.model import check_token_inputs, next_token_loss
 
 ROPE_LAYOUTS = ("half", "interleaved")
@@ -175,9 +176,9 @@ class SwiGLU(nn.Module):
         super().__init__()
         _check_positive_int("d_model", d_model)
         _check_positive_int("d_ff", d_ff)
-        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.gate_proj = Linear(d_model, d_ff, bias=False)
+        self.up_proj = Linear(d_model, d_ff, bias=False)
+        self.down_proj = Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, d_model)
@@ -221,10 +222,10 @@ class GroupedQueryAttention(nn.Module):
         self.head_dim = d_model // n_heads
         self.context_length = context_length
         self.use_sdpa = use_sdpa
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.q_proj = Linear(d_model, n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(n_heads * self.head_dim, d_model, bias=False)
         self.rotary = RotaryEmbedding(self.head_dim, context_length, rope_theta, rope_layout)
         self.register_buffer("causal", causal_mask(context_length), persistent=False)
 
@@ -448,7 +449,7 @@ class TransformerLM(nn.Module):
                 norm=RMSNorm(config.d_model, config.norm_eps),
             )
         )
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(self._init_weights)
