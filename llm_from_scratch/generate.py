@@ -41,8 +41,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from llm_from_scratch.linear import linear
 
 logger = logging.getLogger(__name__)
 
@@ -189,11 +190,11 @@ def _one_token_linear(weight: Tensor, bias: Tensor | None, parts: int, x: Tensor
     ``weight`` ``(out, in)`` is viewed (no copy) as ``parts`` matrices of ``out // parts`` rows
     and one batched product (``torch.baddbmm``) computes the slices: PyTorch's BLAS spreads a
     batch over the CPU's threads, which a single matrix-vector product does not gain from.
-    Anything but one token without gradients goes to ``F.linear``.
+    Anything but one token without gradients goes to ``linear`` (``Linear``'s own product).
     """
     out_features, in_features = weight.shape
     if x.numel() != in_features or torch.is_grad_enabled():
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)
     w = weight.view(parts, out_features // parts, in_features).transpose(1, 2)  # (parts, in, out/parts): a view
     x_parts = x.reshape(1, 1, in_features).expand(parts, 1, in_features)
     y = torch.bmm(x_parts, w) if bias is None else torch.baddbmm(bias.view(parts, 1, -1), x_parts, w)
@@ -216,7 +217,7 @@ class _ParallelMatVec:
     whose number of outputs splits into at least as many slices as threads (of 16 rows or
     more) get that ``forward`` for the duration of ``with``, then their own again. The weights
     are not copied or changed; each output is still one dot product, in the BLAS's order.
-    Multi-token inputs (the prompt) and anything with gradients run ``F.linear`` as usual.
+    Multi-token inputs (the prompt) and anything with gradients run as usual (``linear``).
     """
 
     def __init__(self, model: nn.Module) -> None:

@@ -65,7 +65,11 @@ class _OneDNNLinear(torch.autograd.Function):
             grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
             if ctx.needs_input_grad[1]:
                 x_2d = x.reshape(-1, x.shape[-1])  # (N, in)
-                grad_weight = _product(grad_2d.t(), x_2d.t(), None)  # (out, N) @ (N, in) -> (out, in)
+                # oneDNN copies a transposed first operand into a contiguous one: let it be the smaller.
+                if grad_2d.shape[1] > x_2d.shape[1]:  # more outputs than inputs
+                    grad_weight = _product(x_2d.t(), grad_2d.t(), None).t().contiguous()  # ((in, N) @ (N, out)).T
+                else:
+                    grad_weight = _product(grad_2d.t(), x_2d.t(), None)  # (out, N) @ (N, in) -> (out, in)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = grad_2d.sum(0)  # (out,)
         return grad_x, grad_weight, grad_bias

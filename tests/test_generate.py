@@ -132,16 +132,17 @@ def test_ragged_batch_sliding_window():
 @pytest.mark.parametrize("out_features,bias", [(96, True), (128, False), (58, True), (64, True)])
 def test_one_token_linear_matches_f_linear(out_features, bias):
     from llm_from_scratch.generate import _one_token_linear
+    from llm_from_scratch.linear import Linear
 
     g = torch.Generator().manual_seed(out_features)
-    layer = torch.nn.Linear(40, out_features, bias=bias)
+    layer = Linear(40, out_features, bias=bias)  # the model's layers
     x = torch.randn(1, 1, 40, generator=g)
     parts = 29 if out_features == 58 else 2
     with torch.no_grad():
         torch.testing.assert_close(_one_token_linear(layer.weight, layer.bias, parts, x), layer(x), atol=1e-6, rtol=0)
         torch.testing.assert_close(_one_token_linear(layer.weight, layer.bias, parts, x[0]), layer(x[0]), atol=1e-6,
                                    rtol=0)
-        rows = torch.randn(2, 3, 40, generator=g)  # several tokens: F.linear itself
+        rows = torch.randn(2, 3, 40, generator=g)  # several tokens: the layer's own product
         assert torch.equal(_one_token_linear(layer.weight, layer.bias, parts, rows), layer(rows))
 
 

@@ -115,8 +115,10 @@ def test_grad_accumulation_equals_larger_batch():
     loss_acc, norm_acc = train_step(model_b, opt_b, micro, grad_clip=1.0)
     assert loss_acc == pytest.approx(loss_big, rel=1e-5)
     assert norm_acc == pytest.approx(norm_big, rel=1e-4)
+    # Adam's first step is about lr * sign(gradient): rounding in a near-zero gradient entry can move
+    # a weight by ~1e-6, a wrong gradient by ~lr = 1e-2.
     for (name, pa), pb in zip(model_a.named_parameters(), model_b.parameters(), strict=True):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=5e-6, msg=name)
 
 
 # --- exact resume -----------------------------------------------------------------------------
