@@ -2,7 +2,7 @@
 
 Each module holds one concept of the pipeline, in the order the book builds it:
 
-    data -> bpe -> linear -> attention -> model -> train -> generate -> distributed
+    data -> bpe -> linear -> attention -> loss -> model -> train -> generate -> distributed
 
 Chapters import from here; nothing is copied between chapters. See the book's
 introduction for the map. Functions named like their module (``train.train``,
@@ -32,6 +32,7 @@ from llm_from_scratch.generate import (
     top_p_filter,
 )
 from llm_from_scratch.linear import Linear
+from llm_from_scratch.loss import cross_entropy
 from llm_from_scratch.model import GPT, GPTConfig, count_parameters, estimate_flops_per_token
 from llm_from_scratch.modern import (
     GroupedQueryAttention,
@@ -78,6 +79,8 @@ __all__ = [
     "train_or_load_tokenizer",
     # linear
     "Linear",
+    # loss
+    "cross_entropy",
     # attention
     "KVCache",
     "MultiHeadAttention",

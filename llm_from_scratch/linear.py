@@ -6,7 +6,7 @@ forward (``x @ W.T``) and backward (``grad @ W`` for the input, ``grad.T @ x`` f
 On the CPU, ``nn.Linear`` hands them to PyTorch's BLAS, Intel's MKL, which on the AMD
 processors of the course's machines runs its AVX2 code path (about 110 GFLOP/s per core). PyTorch
 ships a second CPU math library, oneDNN (its compiler's), whose kernels use the AVX-512 units
-when the processor has them: about 230 GFLOP/s on the same core (``benchmarks/matmul.py``). On
+when the processor has them: about 200 GFLOP/s on the same core (``benchmarks/matmul.py``). On
 processors without AVX-512 the two are about equally fast.
 
 ``Linear`` is ``nn.Linear`` in every other respect (parameters, initialisation, state dict,
