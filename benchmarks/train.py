@@ -10,7 +10,7 @@ the same step (``train_step``: forward, backward, gradient clipping, optimizer s
 model differs. A row times HF's model the way HF users usually train it: its own loss
 (``labels=``) and ``torch.optim.AdamW`` with its defaults (not fused). On the CPU, a last row
 times our GPT with its linear layers' products on ``F.linear`` (PyTorch's BLAS) instead of
-oneDNN (``Linear.use_onednn = False``), to show how much of the difference that accounts for. The models are timed in
+oneDNN (``set_onednn(model, False)``), to show how much of the difference that accounts for. The models are timed in
 rounds of ``--steps`` steps each, one after the other, the order reversed every round, so that
 a machine shared with other programs slows them alike. The table shows each model's median
 time per step and the median (and range) of the per-round ratios to ours. On the CPU with one
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_from_scratch.linear import Linear
+from llm_from_scratch.linear import set_onednn
 from llm_from_scratch.model import GPT, GPTConfig, estimate_flops_per_token
 from llm_from_scratch.train import configure_optimizer, peak_flops, resolve_precision, train_step
 from llm_from_scratch.utils import get_device
@@ -58,14 +58,6 @@ class HFAdapter(nn.Module):
         logits = self.hf(input_ids=idx).logits  # (B, T, vocab_size)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
-
-
-def with_blas_products(model: GPT) -> GPT:
-    """``model`` with every ``Linear`` computing its products with ``F.linear`` (no oneDNN)."""
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.use_onednn = False
-    return model
 
 
 class HFOwnLoss(HFAdapter):
@@ -127,7 +119,7 @@ def main() -> None:
     models = {"ours (GPT)": GPT(config).to(device), "HF GPT2LMHeadModel": HFAdapter(config).to(device),
               "HF, default AdamW + HF loss": HFOwnLoss(config).to(device)}
     if device.type == "cpu":
-        models["ours, products on F.linear"] = with_blas_products(GPT(config))
+        models["ours, products on F.linear"] = set_onednn(GPT(config), False)
     n_params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     optimizers = {name: configure_optimizer(m, lr=3e-4) for name, m in models.items()}
     # The recipe HF users usually write: torch's AdamW with its defaults (foreach, not fused),

@@ -110,8 +110,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 class Linear(nn.Linear):
     """``nn.Linear`` whose float32 CPU products (forward and backward) run on oneDNN.
 
-    ``use_onednn = False`` on an instance (or on the class) sends its products back to
-    ``F.linear``, to compare the two. See the module's docstring.
+    ``use_onednn = False`` on an instance (``set_onednn(model, False)`` for a whole model) sends
+    its products back to ``F.linear``, to compare the two. See the module's docstring.
     """
 
     use_onednn: bool = True
@@ -120,3 +120,11 @@ class Linear(nn.Linear):
         if not self.use_onednn:
             return F.linear(x, self.weight, self.bias)
         return linear(x, self.weight, self.bias)
+
+
+def set_onednn(model: nn.Module, enabled: bool) -> nn.Module:
+    """Set ``use_onednn`` on every ``Linear`` of ``model`` (to compare the two libraries); returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.use_onednn = enabled
+    return model

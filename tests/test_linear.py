@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from llm_from_scratch.linear import ONEDNN_AVAILABLE, Linear, linear, runs_on_onednn
+from llm_from_scratch.linear import ONEDNN_AVAILABLE, Linear, linear, runs_on_onednn, set_onednn
 from llm_from_scratch.model import GPT, GPTConfig
 
 needs_onednn = pytest.mark.skipif(not ONEDNN_AVAILABLE, reason="PyTorch without oneDNN, or not an x86-64 CPU")
@@ -114,9 +114,7 @@ def test_gpt_training_step_matches_f_linear():
     targets = torch.randint(0, 97, (3, 16))
 
     def loss_and_grads(use_onednn: bool):
-        for module in model.modules():
-            if isinstance(module, Linear):
-                module.use_onednn = use_onednn
+        set_onednn(model, use_onednn)
         model.zero_grad(set_to_none=True)
         _, loss = model(idx, targets)
         loss.backward()
