@@ -2,7 +2,7 @@
 
 Each module holds one concept of the pipeline, in the order the book builds it:
 
-    data -> bpe -> linear -> attention -> loss -> model -> train -> generate -> distributed
+    data -> bpe -> linear -> attention -> loss -> model -> metrics -> train -> generate -> distributed
 
 Chapters import from here; nothing is copied between chapters. See the book's
 introduction for the map. Functions named like their module (``train.train``,
@@ -10,7 +10,14 @@ introduction for the map. Functions named like their module (``train.train``,
 """
 
 from llm_from_scratch.attention import KVCache, MultiHeadAttention, causal_mask, scaled_dot_product_attention
-from llm_from_scratch.bpe import BPETokenizer, gpt2_encoding, train_bpe, train_or_load_tokenizer
+from llm_from_scratch.bpe import (
+    BPETokenizer,
+    CourseData,
+    course_data,
+    gpt2_encoding,
+    train_bpe,
+    train_or_load_tokenizer,
+)
 from llm_from_scratch.data import (
     SimpleTokenizer,
     SlidingWindowDataset,
@@ -33,6 +40,7 @@ from llm_from_scratch.generate import (
 )
 from llm_from_scratch.linear import Linear
 from llm_from_scratch.loss import cross_entropy
+from llm_from_scratch.metrics import TextStats, text_stats
 from llm_from_scratch.model import GPT, GPTConfig, count_parameters, estimate_flops_per_token
 from llm_from_scratch.modern import (
     GroupedQueryAttention,
@@ -45,13 +53,14 @@ from llm_from_scratch.modern import (
 )
 from llm_from_scratch.train import (
     TrainConfig,
+    bits_per_char,
     configure_optimizer,
     evaluate,
     load_checkpoint,
     lr_at,
     save_checkpoint,
 )
-from llm_from_scratch.utils import artifacts_dir, get_device, seed_everything
+from llm_from_scratch.utils import artifacts_dir, get_device, seed_everything, show_source
 
 __version__ = "0.1.0"
 
@@ -61,6 +70,7 @@ __all__ = [
     "artifacts_dir",
     "get_device",
     "seed_everything",
+    "show_source",
     # data
     "SimpleTokenizer",
     "SlidingWindowDataset",
@@ -74,6 +84,8 @@ __all__ = [
     "write_token_file",
     # bpe
     "BPETokenizer",
+    "CourseData",
+    "course_data",
     "gpt2_encoding",
     "train_bpe",
     "train_or_load_tokenizer",
@@ -81,6 +93,9 @@ __all__ = [
     "Linear",
     # loss
     "cross_entropy",
+    # metrics
+    "TextStats",
+    "text_stats",
     # attention
     "KVCache",
     "MultiHeadAttention",
@@ -93,6 +108,7 @@ __all__ = [
     "estimate_flops_per_token",
     # train
     "TrainConfig",
+    "bits_per_char",
     "configure_optimizer",
     "evaluate",
     "load_checkpoint",

@@ -37,7 +37,7 @@ logger = logging.getLogger("llm_from_scratch")
 _RUN_ARGS = (
     "corpus", "subset", "vocab_size", "val_fraction", "preset", "context_length", "dropout", "batch_size",
     "grad_accum_steps", "max_lr", "min_lr", "warmup_steps", "decay_steps", "weight_decay", "grad_clip", "eval_interval",
-    "eval_batches", "seed",
+    "eval_batches", "seed", "split_seed",
 )
 _SUBSETS = {"full": None, "small": "small", "tiny": "tiny"}
 
@@ -54,6 +54,8 @@ def _add_train_parser(subparsers) -> None:
     p.add_argument("--subset", default="small", choices=sorted(_SUBSETS), help="corpus subset (default: small)")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default: 4096, the course tokenizer)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="documents held out (default: 0.1)")
+    p.add_argument("--split-seed", type=int, default=2,
+                   help="which documents are held out (default: 2, the chapters' split: Macbeth of the small subset)")
     p.add_argument("--preset", default="tiny", help="GPTConfig preset: tiny, small_cpu, gpt2_small, ...")
     p.add_argument("--context-length", type=int, default=None, help="tokens per window (default: the preset's)")
     p.add_argument("--dropout", type=float, default=0.0)
@@ -87,13 +89,14 @@ def _prepare_data(args, run: Path):
         tokenizer = BPETokenizer.load(tok_path)
     else:
         logger.info("tokenizer: vocabulary %d on %s/%s", args.vocab_size, args.corpus, args.subset)
-        # The course's cached tokenizer (artifacts/tokenizers), copied into the run folder.
-        tokenizer = train_or_load_tokenizer(vocab_size=args.vocab_size, subset=_SUBSETS[args.subset])
+        # The course's cached tokenizer (trained on the training documents of this split only).
+        tokenizer = train_or_load_tokenizer(vocab_size=args.vocab_size, subset=_SUBSETS[args.subset],
+                                            val_fraction=args.val_fraction, split_seed=args.split_seed)
         tokenizer.save(tok_path)
     files = {"train": run / "train.bin", "val": run / "val.bin"}
     if not all(f.exists() for f in files.values()):
         documents = load_documents(args.corpus, subset=_SUBSETS[args.subset])
-        train_docs, val_docs = train_val_split(documents, args.val_fraction, seed=args.seed)
+        train_docs, val_docs = train_val_split(documents, args.val_fraction, seed=args.split_seed)
         encoding = tokenizer.to_tiktoken()
         for name, docs in (("train", train_docs), ("val", val_docs)):
             ids = encoding.encode(ENDOFTEXT.join(docs), allowed_special={ENDOFTEXT})
@@ -150,6 +153,7 @@ def _train_run(args, env, device) -> int:
     import torch
 
     from llm_from_scratch import distributed
+    from llm_from_scratch.metrics import text_stats
     from llm_from_scratch.model import GPT
     from llm_from_scratch.train import CHECKPOINT_NAME, TrainConfig, tokenizer_fingerprint, train
 
@@ -161,10 +165,11 @@ def _train_run(args, env, device) -> int:
         saved = json.loads(run_file.read_text())
         for key in _RUN_ARGS:
             given, default = getattr(args, key), args.parser.get_default(key)
-            if given != default and given != saved[key]:
+            recorded = saved.get(key, default)  # a run recorded before the option existed used its default
+            if given != default and given != recorded:
                 option = "--" + key.replace("_", "-")
-                raise ValueError(f"{option} cannot change when resuming: the run uses {saved[key]!r}")
-            setattr(args, key, saved[key])
+                raise ValueError(f"{option} cannot change when resuming: the run uses {recorded!r}")
+            setattr(args, key, recorded)
         if args.max_steps is None:
             args.max_steps = saved["max_steps"]
     else:
@@ -207,13 +212,14 @@ def _train_run(args, env, device) -> int:
         atomic_write_text(run / "run.json", json.dumps(record, indent=1))  # before training: --resume needs it
     history = train(
         model, train_data, val_data, config, out_dir=run, resume_from=run if args.resume is not None else None,
-        tokenizer=tokenizer_fingerprint(tok_path),
+        tokenizer=tokenizer_fingerprint(tok_path), val_stats=text_stats(val_data[:], tokenizer),
     )
     if not env.is_main:
         return 0
     plot = save_loss_plot(history, run / "loss.png")
     last = [r for r in history if "val_loss" in r][-1]
-    print(f"step {last['step']}: validation loss {last['val_loss']:.4f}; "
+    bpc = f" ({last['val_bpc']:.3f} bits per character)" if "val_bpc" in last else ""
+    print(f"step {last['step']}: validation loss {last['val_loss']:.4f}{bpc}; "
           f"checkpoint {run / CHECKPOINT_NAME}; plot {plot}")
     return 0
 

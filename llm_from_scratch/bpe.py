@@ -31,15 +31,20 @@ import json
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from itertools import pairwise
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import regex
 import tiktoken
 
 from llm_from_scratch.utils import atomic_write_text
+
+if TYPE_CHECKING:
+    import torch
 
 #: GPT-2's pre-tokenization regex (contractions, letters, digits, other, spaces).
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -620,7 +625,14 @@ class BPETokenizer:
     # --- files ------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokenizer (pattern, vocab, merges, special tokens) as versioned JSON, atomically."""
-        path = Path(path)
+        return atomic_write_text(Path(path), self.to_json())
+
+    def fingerprint(self) -> str:
+        """sha256 of ``to_json()``: equal to the sha256 of the file ``save`` writes."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    def to_json(self) -> str:
+        """The versioned JSON text that ``save`` writes and ``load`` reads."""
         b64 = lambda token: base64.b64encode(token).decode("ascii")  # noqa: E731
         special_ids = set(self.special_tokens.values())
         data = {
@@ -631,7 +643,7 @@ class BPETokenizer:
             "vocab": [[i, b64(t)] for i, t in sorted(self.vocab.items()) if i not in special_ids],
             "merges": [[b64(a), b64(b)] for a, b in self.merges],
         }
-        return atomic_write_text(path, json.dumps(data))
+        return json.dumps(data)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BPETokenizer:
@@ -699,11 +711,25 @@ def _gpt2_vocab_and_merges() -> tuple[tuple[tuple[int, bytes], ...], tuple[tuple
     return vocab, tuple(merges)
 
 
-def default_tokenizer_path(vocab_size: int, subset: str | None, tie_break: str = "lexicographic") -> Path:
-    """Where ``train_or_load_tokenizer`` keeps a course tokenizer."""
+#: The course's validation split: 10% of the works (one of the nine "small" works), chosen by
+#: ``train_val_split(documents, COURSE_VAL_FRACTION, seed=COURSE_SPLIT_SEED)``: Macbeth.
+COURSE_VAL_FRACTION = 0.1
+COURSE_SPLIT_SEED = 2
+
+
+def default_tokenizer_path(
+    vocab_size: int,
+    subset: str | None,
+    tie_break: str = "lexicographic",
+    *,
+    val_fraction: float = COURSE_VAL_FRACTION,
+    split_seed: int = COURSE_SPLIT_SEED,
+) -> Path:
+    """Where ``train_or_load_tokenizer`` keeps a course tokenizer (its name says which documents it saw)."""
     from llm_from_scratch.utils import artifacts_dir
 
-    return artifacts_dir("tokenizers") / f"shakespeare-{subset or 'full'}-{vocab_size}-{tie_break}.json"
+    docs = "all" if val_fraction == 0 else f"train{val_fraction:g}-seed{split_seed}"
+    return artifacts_dir("tokenizers") / f"shakespeare-{subset or 'full'}-{docs}-{vocab_size}-{tie_break}.json"
 
 
 def train_or_load_tokenizer(
@@ -712,15 +738,22 @@ def train_or_load_tokenizer(
     *,
     tie_break: str = "lexicographic",
     path: str | os.PathLike | None = None,
+    val_fraction: float = COURSE_VAL_FRACTION,
+    split_seed: int = COURSE_SPLIT_SEED,
 ) -> BPETokenizer:
     """The course tokenizer: loaded from ``path`` when it exists, else trained and saved.
 
-    Trains on ``load_corpus("shakespeare", subset=subset)`` with ``<|endoftext|>``
-    as the only special token. ``path`` defaults to
-    ``artifacts_dir("tokenizers")/shakespeare-<subset>-<vocab_size>-<tie_break>.json``.
-    Later chapters call this; the chapter "Byte-pair encoding" creates the default one.
+    Trains on the *training* documents only: ``train_val_split(load_documents("shakespeare",
+    subset=subset), val_fraction, seed=split_seed)[0]`` joined by ``<|endoftext|>``, the only
+    special token. The held-out work is never seen, so its compression and the models' losses
+    on it measure text that nothing in the pipeline was fitted to (``val_fraction=0`` trains on
+    every document). ``path`` defaults to ``default_tokenizer_path(...)`` under
+    ``artifacts_dir("tokenizers")``. Later chapters call this; the chapter "Byte-pair encoding"
+    creates the default one.
     """
-    path = Path(path) if path is not None else default_tokenizer_path(vocab_size, subset, tie_break)
+    if path is None:
+        path = default_tokenizer_path(vocab_size, subset, tie_break, val_fraction=val_fraction, split_seed=split_seed)
+    path = Path(path)
     if path.exists():
         tokenizer = BPETokenizer.load(path)
         if tokenizer.vocab_size > vocab_size:  # smaller is fine: training stops when no pair is left
@@ -728,11 +761,60 @@ def train_or_load_tokenizer(
                 f"{os.fspath(path)!r} holds a vocabulary of {tokenizer.vocab_size}, not {vocab_size}"
             )
         return tokenizer
-    from llm_from_scratch.data import load_corpus
+    from llm_from_scratch.data import load_documents, train_val_split
 
-    vocab, merges = train_bpe(
-        load_corpus("shakespeare", subset=subset), vocab_size, (ENDOFTEXT,), tie_break=tie_break
-    )
+    documents = load_documents("shakespeare", subset=subset)
+    train_docs, _ = train_val_split(documents, val_fraction, seed=split_seed)
+    vocab, merges = train_bpe(ENDOFTEXT.join(train_docs), vocab_size, (ENDOFTEXT,), tie_break=tie_break)
     tokenizer = BPETokenizer(vocab, merges, [ENDOFTEXT])
     tokenizer.save(path)
     return tokenizer
+
+
+@dataclass
+class CourseData:
+    """The course's data set, tokenized: what ``course_data`` returns.
+
+    ``train_ids`` / ``val_ids`` are 1-D int64 tensors of the training and validation documents,
+    each list joined by ``<|endoftext|>``; ``val_text`` is the validation text they encode.
+    """
+
+    tokenizer: BPETokenizer
+    train_docs: list[str]
+    val_docs: list[str]
+    train_ids: torch.Tensor
+    val_ids: torch.Tensor
+
+    @property
+    def val_text(self) -> str:
+        return ENDOFTEXT.join(self.val_docs)
+
+
+def course_data(
+    vocab_size: int = 4096,
+    subset: str | None = "small",
+    *,
+    val_fraction: float = COURSE_VAL_FRACTION,
+    split_seed: int = COURSE_SPLIT_SEED,
+) -> CourseData:
+    """The one pipeline every training chapter uses: split the works, train (or load) the
+    tokenizer on the training works only, tokenize both sides.
+
+    The same arguments give the same split, the same tokenizer file and the same ids in every
+    chapter and in ``python -m llm_from_scratch train``. Explained in the chapter "Pre-training".
+    """
+    import torch
+
+    from llm_from_scratch.data import load_documents, train_val_split
+
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1) for a validation set, got {val_fraction}")
+    tokenizer = train_or_load_tokenizer(vocab_size, subset, val_fraction=val_fraction, split_seed=split_seed)
+    documents = load_documents("shakespeare", subset=subset)
+    train_docs, val_docs = train_val_split(documents, val_fraction, seed=split_seed)
+    encoding = tokenizer.to_tiktoken()
+    ids = [
+        torch.tensor(encoding.encode(ENDOFTEXT.join(docs), allowed_special={ENDOFTEXT}), dtype=torch.int64)
+        for docs in (train_docs, val_docs)
+    ]
+    return CourseData(tokenizer, train_docs, val_docs, ids[0], ids[1])

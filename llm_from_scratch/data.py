@@ -332,6 +332,19 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value}")
 
 
+def _check_non_negative(ids) -> None:
+    """Token ids index an embedding table: a negative one would fail deep inside the model."""
+    if isinstance(ids, np.ndarray) and ids.dtype.kind == "u":
+        return  # unsigned (token files on disk): nothing to check, nothing to read
+    smallest = int(ids.min()) if len(ids) else 0
+    if smallest < 0:
+        position = int((ids < 0).nonzero()[0][0]) if isinstance(ids, np.ndarray) else int((ids < 0).nonzero()[0, 0])
+        raise ValueError(
+            f"token ids must be >= 0 (they index the embedding table), got {smallest} "
+            f"(the first negative id is at position {position})"
+        )
+
+
 def num_windows(n_tokens: int, context_length: int, stride: int) -> int:
     """How many ``(inputs, targets)`` windows a stream of ``n_tokens`` gives.
 
@@ -370,6 +383,7 @@ class SlidingWindowDataset(Dataset):
                 f"the token stream has {len(ids)} tokens, fewer than context_length + 1 = "
                 f"{context_length + 1}: no (inputs, targets) window fits"
             )
+        _check_non_negative(ids)
         if isinstance(ids, np.memmap):
             self.token_ids = ids  # (N,) stays on disk: each example is read when it is asked for
         elif isinstance(ids, torch.Tensor):

@@ -106,12 +106,24 @@ def sample_next_token(
     greedy decoding (the argmax, no randomness). Then ``top_k`` and ``top_p`` filter (in that
     order) and a token is drawn from the softmax with ``generator`` (seed it for reproducible
     text). Raises ``ValueError`` for a negative temperature, ``top_k <= 0`` or ``top_p``
-    outside ``(0, 1]``.
+    outside ``(0, 1]``, and for logits with NaN or ``+inf`` (naming the rows) or a row that is
+    all ``-inf``.
     """
     _check_sampling(temperature, top_k, top_p)
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a tensor of shape (batch, vocab_size), got {shape}")
+    bad_rows = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)  # (B,)
+    if bad_rows.any():
+        rows = bad_rows.nonzero().flatten().tolist()
+        raise ValueError(
+            f"logits contain NaN or +inf in batch row(s) {rows[:8]}{' ...' if len(rows) > 8 else ''}: "
+            "the model's output is broken (a diverged or corrupt checkpoint?); expected finite "
+            "logits (-inf marks a token that is never chosen)"
+        )
+    if (logits == float("-inf")).all(dim=-1).any():
+        row = int((logits == float("-inf")).all(dim=-1).nonzero()[0, 0])
+        raise ValueError(f"every logit of batch row {row} is -inf: no token can be chosen")
     if temperature == 0:
         return torch.argmax(logits, dim=-1)  # (B,)
     logits = logits.float() / temperature

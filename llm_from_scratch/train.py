@@ -47,6 +47,7 @@ from safetensors.torch import save as _st_save
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from llm_from_scratch import metrics
 from llm_from_scratch.data import get_batch as _get_batch_from_array
 from llm_from_scratch.utils import atomic_write_bytes, atomic_write_text, get_device
 
@@ -59,16 +60,26 @@ CHECKPOINT_FORMAT = "llm_from_scratch.checkpoint/1"
 
 #: Dense bf16 peak FLOP/s (no sparsity) of some accelerators, for model FLOPs utilisation.
 PEAK_FLOPS_BF16 = {
+    # Dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity). Keys are the
+    # words of the name the driver reports (torch.cuda.get_device_name), all of which must
+    # appear: "NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA H100 PCIe" the PCIe card.
+    "H100 HBM3": 989e12,
     "H100 SXM": 989e12,
     "H100 PCIe": 756e12,
     "H100 NVL": 835e12,
     "H200": 989e12,
+    "GH200": 989e12,
     "A100": 312e12,
     "L4": 121e12,
+    "L40S": 362e12,
     "A10G": 70e12,
     "RTX 4090": 165e12,
     "RTX 3090": 71e12,
+}
+#: Tensor-core fp16 peaks of GPUs without bf16 support (before Ampere): MFU is measured in fp16.
+PEAK_FLOPS_FP16 = {
     "T4": 65e12,
+    "V100": 125e12,
 }
 
 _PRECISIONS = ("auto", "bf16", "fp32")
@@ -349,14 +360,23 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def peak_flops(device: torch.device | str) -> float | None:
-    """Dense bf16 peak FLOP/s of ``device`` from ``PEAK_FLOPS_BF16`` (``None`` when unknown, e.g. CPUs)."""
+    """Dense bf16 peak FLOP/s of ``device`` from ``PEAK_FLOPS_BF16`` (``None`` when unknown, e.g. CPUs).
+
+    GPUs without bf16 (T4, V100) report their fp16 tensor-core peak from ``PEAK_FLOPS_FP16``.
+    """
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_FLOPS_BF16, key=len, reverse=True):
-        if all(part in name for part in key.split()):
-            return PEAK_FLOPS_BF16[key]
+    return _peak_for_name(torch.cuda.get_device_name(device))
+
+
+def _peak_for_name(name: str) -> float | None:
+    """The peak of the table entry whose words all appear in ``name`` (longest key first)."""
+    words = set(name.replace("-", " ").split())
+    table = {**PEAK_FLOPS_FP16, **PEAK_FLOPS_BF16}
+    for key in sorted(table, key=len, reverse=True):
+        if all(part in words for part in key.split()):
+            return table[key]
     return None
 
 
@@ -445,6 +465,37 @@ def evaluate(
     finally:
         model.train(was_training)
     return total / count
+
+
+def bits_per_char(
+    model: nn.Module,
+    token_ids,
+    tokenizer,
+    *,
+    batch_size: int = 16,
+    context_length: int | None = None,
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
+) -> dict[str, float]:
+    """Scores ``model`` on the whole of ``token_ids``: every non-overlapping window, no sampling.
+
+    Returns ``{"nats_per_token", "bits_per_char", "bits_per_byte", "tokens", "chars", "bytes"}``:
+    the mean loss and, through the text that the scored tokens decode to (``tokenizer``), the same
+    information per character and per UTF-8 byte, a number that compares models whose tokenizers
+    differ (characters, our BPE, GPT-2's). Explained in the chapter "Pre-training".
+    """
+    inner = _unwrap(model)
+    if context_length is None:
+        context_length = inner.config.context_length
+    _check_token_source("token_ids", token_ids, context_length + 1, "context_length + 1")
+    loss = evaluate(model, token_ids, batch_size=batch_size, context_length=context_length,
+                    max_batches=None, device=device, precision=precision)
+    n_windows = len(_eval_windows(len(token_ids), context_length, len(token_ids)))
+    scored = token_ids[1 : 1 + n_windows * context_length]  # every window's targets, once each
+    stats = metrics.text_stats(scored, tokenizer)
+    return {"nats_per_token": loss, "bits_per_char": metrics.bits_per_char(loss, stats),
+            "bits_per_byte": metrics.bits_per_byte(loss, stats), "tokens": stats.tokens,
+            "chars": stats.chars, "bytes": stats.bytes}
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,10 +632,25 @@ def _model_config_dict(model: nn.Module) -> dict[str, Any] | None:
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
 
 
-def tokenizer_fingerprint(path: str | os.PathLike) -> dict[str, str]:
-    """``{"path", "sha256"}`` of a saved tokenizer file, stored in checkpoints to catch mix-ups."""
-    path = Path(path)
-    return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+def tokenizer_fingerprint(tokenizer, path: str | os.PathLike | None = None) -> dict[str, str]:
+    """``{"path", "sha256", "vocab_size"}`` of a tokenizer, stored in checkpoints to catch mix-ups.
+
+    ``tokenizer`` is a saved tokenizer file or a ``BPETokenizer`` (its sha256 equals that of the
+    file ``save`` writes; ``path`` says where that file is, when there is one).
+    """
+    if isinstance(tokenizer, (str, os.PathLike)):
+        file = Path(tokenizer)
+        data = file.read_bytes()
+        from llm_from_scratch.bpe import BPETokenizer
+
+        vocab_size = BPETokenizer.load(file).vocab_size
+        return {"path": str(file), "sha256": hashlib.sha256(data).hexdigest(), "vocab_size": vocab_size}
+    if not hasattr(tokenizer, "fingerprint"):
+        raise TypeError(
+            f"tokenizer must be a BPETokenizer or the path of a saved one, got {type(tokenizer).__name__}"
+        )
+    return {"path": "" if path is None else str(path), "sha256": tokenizer.fingerprint(),
+            "vocab_size": tokenizer.vocab_size}
 
 
 def save_checkpoint(
@@ -807,6 +873,7 @@ def train(
     out_dir: str | os.PathLike | None = None,
     resume_from: str | os.PathLike | None = None,
     tokenizer: dict[str, str] | None = None,
+    val_stats: metrics.TextStats | None = None,
     callback: Callable[[int, nn.Module, dict], None] | None = None,
 ) -> list[dict]:
     """Trains ``model`` on ``train_data`` and returns the history, a list of dicts.
@@ -826,7 +893,9 @@ def train(
 
     History rows: every ``log_interval`` steps ``{"step", "tokens", "lr", "train_loss",
     "grad_norm", "tokens_per_s", "mfu"?}`` (``train_loss`` averaged since the last row), and at
-    every evaluation ``{"step", "tokens", "val_loss", "train_eval_loss"?}``.
+    every evaluation ``{"step", "tokens", "val_loss", "val_bpc"?, "val_bpb"?, "train_eval_loss"?}``.
+    ``val_bpc`` / ``val_bpb`` (bits per character / byte) are there when ``val_stats``
+    (``metrics.text_stats(val_data, tokenizer)``) says how much text ``val_data`` holds.
 
     ``out_dir``: where ``checkpoint.safetensors``, ``history.json`` and ``history.csv`` go.
     ``resume_from``: a checkpoint (or a folder holding one) to continue from exactly; the
@@ -907,6 +976,9 @@ def train(
                       max_batches=config.eval_batches, device=device, precision=config.precision)
         if val_data is not None:
             row["val_loss"] = evaluate(model, val_data, **kwargs)
+            if val_stats is not None:
+                row["val_bpc"] = metrics.bits_per_char(row["val_loss"], val_stats)
+                row["val_bpb"] = metrics.bits_per_byte(row["val_loss"], val_stats)
         if config.eval_train:
             row["train_eval_loss"] = evaluate(model, train_data, **kwargs)
         history.append(row)

@@ -1,15 +1,18 @@
-"""Small helpers every chapter uses: choosing a device, seeding, where files go.
+"""Small helpers every chapter uses: choosing a device, seeding, where files go, showing code.
 
 Explained in the chapter "Getting started" (chapters/00_setup.ipynb). Nothing here
-knows about language models; it only keeps runs reproducible and portable.
+knows about language models; it only keeps runs reproducible and portable, and shows the
+package's own source in a chapter (``show_source``) wherever the chapter is read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import random
 import tempfile
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +119,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file with mode 0600; give it the mode a plain open() would (0666
+        # less the umask), or the previous file's mode when it replaces one.
+        try:
+            mode = path.stat().st_mode & 0o7777
+        except FileNotFoundError:
+            mode = 0o666 & ~_current_umask()
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -128,6 +138,76 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """``atomic_write_bytes`` for text, encoded as UTF-8."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class SourceCode:
+    """Source code that renders as a highlighted Python block in Jupyter, Colab, the HTML book
+    and the PDF (through Markdown), and as plain text elsewhere. Made by ``show_source``."""
+
+    def __init__(self, code: str, header: str = "") -> None:
+        self.code = code
+        self.header = header
+
+    def _repr_markdown_(self) -> str:
+        fence = "````" if "```" in self.code else "```"
+        text = f"{self.header}\n{self.code}" if self.header else self.code
+        return f"{fence}python\n{text.rstrip()}\n{fence}\n"
+
+    def __repr__(self) -> str:
+        return f"{self.header}\n{self.code}" if self.header else self.code
+
+
+def _package_path(obj) -> str:
+    try:
+        path = Path(inspect.getsourcefile(obj) or "").resolve()
+    except TypeError:
+        return ""
+    package_root = Path(__file__).resolve().parent.parent
+    try:
+        return path.relative_to(package_root).as_posix()
+    except ValueError:
+        return path.name
+
+
+def show_source(obj, *members: str) -> SourceCode:
+    """The source of a function, method or class of the package, ready to display in a chapter.
+
+    ``show_source(lr_at)`` shows one function; ``show_source(GPT, "__init__", "forward")`` shows the
+    class line and only the named methods (the part the text explains, not every branch). A header
+    comment names the file and the lines. Chapters call it in a cell tagged ``remove-input``, so the
+    book shows the code itself and Jupyter the call and the code.
+    """
+    if not (inspect.isfunction(obj) or inspect.ismethod(obj) or inspect.isclass(obj)):
+        raise TypeError(f"show_source expects a function, method or class, got {type(obj).__name__}")
+    lines, first = inspect.getsourcelines(obj)
+    where = _package_path(obj)
+    if not members:
+        header = f"# {where}, lines {first}-{first + len(lines) - 1}" if where else ""
+        return SourceCode(textwrap.dedent("".join(lines)), header)
+    if not inspect.isclass(obj):
+        raise TypeError(f"members can only be named for a class, not for {obj.__qualname__}")
+    missing = [m for m in members if m not in vars(obj)]
+    if missing:
+        raise ValueError(f"{obj.__name__} defines no {missing}: expected names from {sorted(vars(obj))}")
+    # The class statement (with its decorators and base classes) up to the end of its docstring.
+    head_end = next(i for i, line in enumerate(lines) if line.rstrip().endswith(":") and "class " in line) + 1
+    doc = inspect.getdoc(obj)
+    parts = ["".join(lines[:head_end]).rstrip()]
+    if doc:
+        parts.append(f'    """{doc.splitlines()[0]}"""')
+    for name in members:
+        member = vars(obj)[name]
+        member = getattr(member, "fget", None) or getattr(member, "__func__", member)  # properties, classmethods
+        m_lines, _ = inspect.getsourcelines(member)
+        parts.append("\n" + "".join(m_lines).rstrip())
+    header = f"# {where} ({obj.__name__}: {', '.join(members)})" if where else ""
+    return SourceCode("\n".join(parts) + "\n", header)

@@ -251,3 +251,37 @@ def test_bad_arguments(trained, tmp_path):
     )
     with pytest.raises(ValueError, match="corrupt"):
         BPETokenizer.load(path)
+
+
+def test_course_tokenizer_never_sees_the_validation_work(tmp_path, monkeypatch):
+    from llm_from_scratch.bpe import course_data
+    from llm_from_scratch.data import load_documents, train_val_split
+
+    monkeypatch.setenv("LLM_FROM_SCRATCH_ARTIFACTS", str(tmp_path))
+    documents = load_documents("shakespeare", subset="tiny")  # Hamlet and Macbeth
+    train_docs, val_docs = train_val_split(documents, 0.1, seed=2)
+    data = course_data(vocab_size=300, subset="tiny")
+    assert data.val_docs == val_docs and data.train_docs == train_docs
+    assert data.val_docs[0].startswith("MACBETH") or "Macbeth" in data.val_docs[0][:300]
+    # The reference: BPE trained directly on the training works, and on everything (which differs).
+    vocab_train, _ = train_bpe(ENDOFTEXT.join(train_docs), 300, (ENDOFTEXT,))
+    vocab_all, _ = train_bpe(ENDOFTEXT.join(documents), 300, (ENDOFTEXT,))
+    assert data.tokenizer.vocab == vocab_train
+    assert vocab_train != vocab_all
+    assert data.tokenizer.decode(data.val_ids.tolist()) == data.val_text
+    assert "train0.1-seed2" in next(iter((tmp_path / "tokenizers").iterdir())).name
+
+
+def test_tokenizer_fingerprint_of_object_equals_file(tmp_path):
+    from llm_from_scratch.train import tokenizer_fingerprint
+
+    tok = BPETokenizer.from_gpt2()
+    path = tok.save(tmp_path / "gpt2.json")
+    import hashlib
+
+    by_file = tokenizer_fingerprint(path)
+    assert by_file["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert tokenizer_fingerprint(tok, path)["sha256"] == by_file["sha256"]
+    assert by_file["vocab_size"] == 50257
+    with pytest.raises(TypeError, match="BPETokenizer"):
+        tokenizer_fingerprint(object())

@@ -408,3 +408,13 @@ def test_download_rejects_bad_content_and_leaves_no_file(tmp_path, loopback):
         download(url, sha256=hashlib.sha256(b"something else").hexdigest(), cache_dir=cache, timeout=5,
                  progress=False)
     assert list(cache.iterdir()) == []  # neither the target nor a partial file
+
+
+def test_sliding_window_dataset_refuses_negative_ids():
+    with pytest.raises(ValueError, match=r"got -3 \(the first negative id is at position 2\)"):
+        SlidingWindowDataset(torch.tensor([1, 2, -3, 4, 5]), context_length=2)
+    with pytest.raises(ValueError, match="position 1"):
+        SlidingWindowDataset(np.array([0, -1, 2, 3]), context_length=2)
+    with pytest.raises(ValueError, match=">= 0"):
+        SlidingWindowDataset([5, 4, -7, 1], context_length=2)
+    assert len(SlidingWindowDataset(np.array([1, 2, 3, 4, 5], dtype=np.uint16), context_length=2)) == 2

@@ -382,3 +382,17 @@ def test_generate_command(tmp_path):
     args = parser.parse_args(["generate", "--checkpoint", str(tmp_path / "missing")])
     with pytest.raises(FileNotFoundError):
         args.func(args)
+
+
+def test_sample_next_token_names_bad_logits():
+    logits = torch.zeros(3, 5)
+    logits[1, 2] = float("nan")
+    for temperature in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"NaN or \+inf in batch row\(s\) \[1\]"):
+            sample_next_token(logits, temperature=temperature)
+    logits = torch.zeros(2, 4)
+    logits[0] = float("-inf")
+    with pytest.raises(ValueError, match="every logit of batch row 0 is -inf"):
+        sample_next_token(logits)
+    masked = torch.tensor([[0.0, float("-inf"), 1.0]])  # -inf alone is a token never chosen: fine
+    assert sample_next_token(masked, temperature=0).item() == 2

@@ -337,3 +337,31 @@ def test_cli_train_and_resume(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--resume", str(run), "--batch-size", "8"])
     assert "--batch-size cannot change" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12),  # the SXM part, as the driver names it
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA L4", 121e12),
+    ("NVIDIA L40S", 362e12),  # not the L4's
+    ("Tesla T4", 65e12),  # fp16: the T4 has no bf16
+    ("NVIDIA GeForce RTX 4090", 165e12),
+    ("Some Unknown GPU", None),
+])
+def test_peak_flops_names_the_driver_reports(name, peak):
+    assert train_mod._peak_for_name(name) == peak
+
+
+def test_history_reports_bits_per_character():
+    from llm_from_scratch.metrics import TextStats
+
+    model, data = tiny_model(3), random_tokens(400, seed=4)
+    stats = TextStats(tokens=400, chars=1000, bytes=1200)
+    history = train(model, data, data, quick_config(max_steps=3, eval_interval=3), val_stats=stats)
+    rows = [r for r in history if "val_loss" in r]
+    for row in rows:
+        assert row["val_bpc"] == pytest.approx(row["val_loss"] / math.log(2) * 0.4)
+        assert row["val_bpb"] == pytest.approx(row["val_loss"] / math.log(2) * 400 / 1200)

@@ -90,3 +90,47 @@ def test_atomic_write_replaces_whole_file_or_nothing(tmp_path, monkeypatch):
         utils.atomic_write_bytes(target, b"second")
     assert target.read_text() == "first"  # the old file survives
     assert sorted(p.name for p in target.parent.iterdir()) == ["file.txt"]  # no temporary left behind
+
+
+def test_atomic_write_keeps_the_umask_mode(tmp_path):
+    import os
+    import stat
+
+    from llm_from_scratch.utils import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_bytes(tmp_path / "new.bin", b"x")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644  # what open() would give, not mkstemp's 0600
+        os.chmod(path, 0o640)
+        atomic_write_bytes(path, b"y")  # replacing a file keeps its mode
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_show_source_renders_a_function_and_chosen_methods():
+    import inspect
+
+    from llm_from_scratch.model import GPT
+    from llm_from_scratch.train import lr_at
+    from llm_from_scratch.utils import SourceCode, show_source
+
+    shown = show_source(lr_at)
+    assert isinstance(shown, SourceCode)
+    assert shown.code == inspect.getsource(lr_at)
+    assert shown.header.startswith("# llm_from_scratch/train.py, lines ")
+    markdown = shown._repr_markdown_()
+    assert markdown.startswith("```python\n# llm_from_scratch/train.py") and markdown.endswith("```\n")
+    compile(shown.code, "<lr_at>", "exec")  # a whole, valid function
+
+    part = show_source(GPT, "forward")
+    assert part.code.startswith("class GPT(")
+    assert "def forward(" in part.code and "def __init__" not in part.code
+    method = show_source(GPT.forward)
+    assert method.code.startswith("def forward(")  # dedented: a method shown alone compiles
+    compile(method.code, "<forward>", "exec")
+    with pytest.raises(ValueError, match="no_such"):
+        show_source(GPT, "no_such")
+    with pytest.raises(TypeError, match="function, method or class"):
+        show_source(42)
