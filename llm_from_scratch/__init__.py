@@ -2,7 +2,8 @@
 
 Each module holds one concept of the pipeline, in the order the book builds it:
 
-    data -> bpe -> linear -> attention -> loss -> model -> metrics -> train -> generate -> distributed
+    data -> bpe -> linear -> attention -> loss -> model -> metrics -> train -> pretrained -> generate
+    -> distributed
 
 Chapters import from here; nothing is copied between chapters. See the book's
 introduction for the map. Functions named like their module (``train.train``,
@@ -51,6 +52,7 @@ from llm_from_scratch.modern import (
     TransformerLM,
     apply_rope,
 )
+from llm_from_scratch.pretrained import PretrainSettings, pretrain, pretrained_model
 from llm_from_scratch.train import (
     TrainConfig,
     bits_per_char,
@@ -106,6 +108,10 @@ __all__ = [
     "GPTConfig",
     "count_parameters",
     "estimate_flops_per_token",
+    # pretrained
+    "PretrainSettings",
+    "pretrain",
+    "pretrained_model",
     # train
     "TrainConfig",
     "bits_per_char",
