@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 #: Written last, when a run has finished: its presence marks a complete run.
 SETTINGS_NAME = "settings.json"
+#: The tokenizer the run was trained with, saved beside its checkpoint (``generate`` finds it there).
+TOKENIZER_NAME = "tokenizer.json"
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,8 @@ def pretrain(
 ) -> PretrainedRun:
     """Trains the course model from scratch with ``settings`` into ``settings.run_dir()``.
 
-    A previous run in that folder is replaced. The tokenizer's fingerprint goes into the
-    checkpoint, the validation text's size into the history (``val_bpc``), and ``settings.json``
+    A previous run in that folder is replaced. The tokenizer is saved in the folder and its
+    fingerprint goes into the checkpoint, the validation text's size into the history (``val_bpc``), and ``settings.json``
     is written last, so a run stopped half-way is never taken for a finished one.
     """
     if not isinstance(settings, PretrainSettings):
@@ -117,11 +119,12 @@ def pretrain(
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
+    tokenizer_path = data.tokenizer.save(run_dir / TOKENIZER_NAME)  # the run folder is complete on its own
     seed_everything(settings.seed)
     model = GPT(settings.model_config(data.tokenizer.vocab_size))
     history = train(
         model, data.train_ids, data.val_ids, settings.train_config(progress=progress), out_dir=run_dir,
-        tokenizer=tokenizer_fingerprint(data.tokenizer), val_stats=text_stats(data.val_ids, data.tokenizer),
+        tokenizer=tokenizer_fingerprint(tokenizer_path), val_stats=text_stats(data.val_ids, data.tokenizer),
         callback=callback,
     )
     atomic_write_text(run_dir / SETTINGS_NAME, json.dumps(dataclasses.asdict(settings), indent=1))

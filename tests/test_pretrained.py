@@ -23,6 +23,7 @@ def test_trained_once_then_loaded_with_the_same_weights(artifacts):
     settings = PretrainSettings(**TINY)
     first = pretrained_model(settings)
     assert first.trained_now and (first.run_dir / SETTINGS_NAME).is_file()
+    assert (first.run_dir / "tokenizer.json").is_file()  # the run folder is complete: `generate` needs nothing else
     again = pretrained_model(settings)
     assert not again.trained_now
     for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values(), strict=True):
