@@ -7,7 +7,10 @@
 set -euo pipefail
 
 what=${1:-book}
-tex=(texlive-latex-recommended texlive-latex-extra texlive-fonts-recommended texlive-xetex latexmk fonts-freefont-otf)
+# fonts-symbola: a monochrome emoji font for the PDF (_latex/emojifallback.sty); xelatex cannot use
+# the colour emoji of fonts-noto-color-emoji.
+tex=(texlive-latex-recommended texlive-latex-extra texlive-fonts-recommended texlive-xetex latexmk fonts-freefont-otf
+     fonts-symbola)
 case "$what" in
   book) pkgs=("${tex[@]}"); cmds=(xelatex latexmk) ;;
   test) pkgs=("${tex[@]}" chromium poppler-utils); cmds=(xelatex latexmk chromium pdftotext) ;;
