@@ -42,13 +42,19 @@ venv: $(VENV)/.book-deps
 venv-dev: $(VENV)/.dev-deps
 
 # --- the book ---------------------------------------------------------------------------------
+# The site offers the PDF (intro.md and usage.md link to book.pdf): it is copied in after either
+# build, so `make html pdf` and `make pdf html` both leave a site that holds the current PDF.
+COPY_PDF = if [ -s _build/latex/book.pdf ] && [ -d _build/html ]; then cp _build/latex/book.pdf _build/html/book.pdf; fi
+
 html: venv
 	$(JB) build . --all -W -n --keep-going
+	@$(COPY_PDF)
 
 # PDF through xelatex (jupyter-book calls the builder "pdflatex").
 pdf: venv
 	$(JB) build . --builder pdflatex --keep-going -n
 	test -s _build/latex/book.pdf
+	@$(COPY_PDF)
 
 book: venv
 	@if scripts/system_deps.sh book; then \
@@ -74,12 +80,16 @@ nbval: venv-dev
 	  $(BIN)/pytest --nbval-lax --nbval-sanitize-with nbval_sanitize.cfg --nbval-cell-timeout 900 \
 	  -p no:cacheprovider -q $(NOTEBOOKS)
 
-# Every chapter through papermill at the tiny parameters of chapters/smoke.yml.
+# Static checks first (notebook conventions, Binder files, the book's Sphinx extension on a tiny
+# book), then every chapter through papermill at the tiny parameters of chapters/smoke.yml, then
+# the shell commands that usage.md and README.md show, run at tiny sizes.
+SMOKE_TESTS := tests/book/test_notebook_conventions.py tests/book/test_binder.py \
+  tests/book/test_book_extension.py tests/book/test_smoke.py tests/book/test_commands.py
 smoke: venv-dev
-	$(BIN)/pytest tests/book/test_smoke.py -q
+	$(BIN)/pytest $(SMOKE_TESTS) -q
 
 book-tests: venv-dev
-	$(BIN)/pytest tests/book/test_built_book.py -q
+	$(BIN)/pytest tests/book/test_built_book.py tests/book/test_built_site.py -q
 
 test: venv-dev
 	@scripts/system_deps.sh test || { [ "$${CI:-}" != true ] || { echo "CI=true: system packages are required"; exit 1; }; }
