@@ -16,9 +16,17 @@ Commands (one function each, so that later chapters can add theirs, e.g. ``gener
       torchrun --nproc_per_node 2 -m llm_from_scratch train --out runs/ddp --batch-size 8
 
 * ``generate``: text from a checkpoint (see ``generate.add_generate_parser``).
+* ``finetune-classifier`` and ``classify``: a pre-trained run fine-tuned to tell comedies,
+  histories and tragedies apart, then used on a text (see ``finetune.add_finetune_parsers``)::
 
-Explained in the chapters "Pre-training" (chapters/05_pretraining.ipynb) and "Training on many
-devices" (chapters/07_distributed.ipynb).
+      python -m llm_from_scratch finetune-classifier --base runs/tiny --out runs/genre --max-steps 150
+      python -m llm_from_scratch classify runs/genre "Now is the winter of our discontent"
+* ``chat`` / ``serve``: talk to an instruction-tuned model in the terminal or on a local web page
+  (see ``chat.add_chat_parsers`` and the chapter "Following instructions").
+
+Explained in the chapters "Pre-training" (chapters/05_pretraining.ipynb), "Training on many
+devices" (chapters/07_distributed.ipynb) and "Fine-tuning for classification"
+(chapters/09_classification.ipynb).
 """
 
 from __future__ import annotations
@@ -232,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     from llm_from_scratch.generate import add_generate_parser
 
     add_generate_parser(subparsers)
+    from llm_from_scratch.chat import add_chat_parsers
+
+    add_chat_parsers(subparsers)  # chat, serve
     return parser
 
 

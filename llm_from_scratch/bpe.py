@@ -484,6 +484,25 @@ class BPETokenizer:
         """Number of ids, special tokens included (max id + 1)."""
         return max(self.vocab) + 1
 
+    def with_special_tokens(self, names: Iterable[str]) -> BPETokenizer:
+        """A new tokenizer with the special tokens ``names`` appended after every existing id.
+
+        Existing ids (ordinary and special) are unchanged, so a model trained with this
+        tokenizer keeps its embedding rows; the new tokens get ids ``vocab_size``,
+        ``vocab_size + 1``, ... in the order given. ``save``/``load`` keep them. A name that is
+        already a special token, or whose bytes are an ordinary token, raises ``ValueError``.
+        Used by the chapter "Following instructions" for the chat template's role markers.
+        """
+        names = _check_special_tokens(names)
+        clashes = [n for n in names if n in self.special_tokens or n.encode("utf-8") in self._token_to_id]
+        if clashes:
+            raise ValueError(f"{clashes} are already tokens of this tokenizer: pick other names")
+        specials = dict(self.special_tokens)
+        ordinary = {i: t for i, t in self.vocab.items() if i not in set(specials.values())}
+        for offset, name in enumerate(names):
+            specials[name] = self.vocab_size + offset
+        return type(self)(ordinary, self.merges, specials, pattern=self.pattern)
+
     # --- encoding ---------------------------------------------------------------------------
     def _encode_piece(self, piece: str) -> list[int]:
         """BPE inside one pre-token: merge the earliest-learned adjacent pair until none is left."""
