@@ -378,7 +378,7 @@ def generate(
 # Checkpoints and the command line
 # --------------------------------------------------------------------------------------------
 def _checkpoint_file(path: str | Path) -> Path:
-    from llm_from_scratch.train import CHECKPOINT_NAME
+    from llm_from_scratch.checkpoint import CHECKPOINT_NAME
 
     path = Path(path)
     if path.is_dir():
@@ -391,16 +391,15 @@ def _checkpoint_file(path: str | Path) -> Path:
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """The model saved in a training checkpoint (a run folder or its ``.safetensors`` file), in eval mode.
 
-    The model's class and configuration come from the checkpoint's metadata (``GPT`` from
-    ``model.py``, or a class of ``modern.py`` with its configuration class). Returns the model
-    and the metadata of ``train.load_checkpoint``.
+    The checkpoint's metadata names the model's class and holds its configuration; the class
+    and its configuration class come from the registry (``registry.MODEL_CLASSES``: ``GPT``,
+    the Llama-style ``TransformerLM``, the fine-tuning chapter's ``GPTClassifier``). Returns
+    the model and the metadata of ``checkpoint.load_checkpoint``.
     """
-    import importlib
-    import inspect
-
     from safetensors import safe_open
 
-    from llm_from_scratch.train import CHECKPOINT_FORMAT, load_checkpoint
+    from llm_from_scratch.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+    from llm_from_scratch.registry import build_model
 
     path = _checkpoint_file(checkpoint)
     try:
@@ -410,25 +409,10 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tu
         raise ValueError(f"{path} is not a llm_from_scratch checkpoint: {err}") from None
     if meta.get("format") != CHECKPOINT_FORMAT or not meta.get("model_config"):
         raise ValueError(f"{path} is not a llm_from_scratch checkpoint with a model configuration")
-    class_name = meta.get("model_class", "GPT")
-    model_cls = None
-    for module_name in ("llm_from_scratch.model", "llm_from_scratch.modern"):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        if isinstance(getattr(module, class_name, None), type):
-            model_cls = getattr(module, class_name)
-            break
-    if model_cls is None:
-        raise ValueError(f"{path}: unknown model class {class_name!r}")
-    first = next(iter(inspect.signature(model_cls).parameters.values()), None)  # the config argument
-    annotation = None if first is None else first.annotation
-    if isinstance(annotation, str):  # postponed annotations: resolve in the model's module
-        annotation = getattr(sys.modules[model_cls.__module__], annotation, None)
-    if not isinstance(annotation, type):
-        raise ValueError(f"{path}: cannot tell which configuration class {class_name} takes")
-    model = model_cls(annotation(**meta["model_config"]))
+    try:
+        model = build_model(meta.get("model_class", "GPT"), meta["model_config"])
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     info = load_checkpoint(path, model)
     return model.to(device).eval(), info
 
