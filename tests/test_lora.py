@@ -1,0 +1,100 @@
+"""Tests of llm_from_scratch.lora: adapters that start as no-ops, merge exactly, and train alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm_from_scratch.linear import Linear
+from llm_from_scratch.lora import (
+    GPT_TARGETS,
+    LoRALinear,
+    apply_lora,
+    count_lora_parameters,
+    lora_parameters,
+    merge_lora,
+)
+from llm_from_scratch.model import GPT, GPTConfig
+
+
+def tiny_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=50, context_length=16, d_model=32, n_layers=2, n_heads=2)).eval()
+
+
+def tokens(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def test_zero_b_leaves_the_output_unchanged():
+    model = tiny_gpt()
+    x = tokens()
+    before = model(x)
+    apply_lora(model, r=4, alpha=8)
+    assert all(torch.count_nonzero(m.lora_B) == 0 for m in model.modules() if isinstance(m, LoRALinear))
+    assert torch.equal(model(x), before)  # B = 0: exactly the same products, plus zero
+
+
+def test_layer_against_the_formula():
+    torch.manual_seed(0)
+    base = Linear(6, 5)
+    layer = LoRALinear.from_linear(base, r=2, alpha=6)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    w, b, a, bb = (t.detach().double() for t in (base.weight, base.bias, layer.lora_A, layer.lora_B))
+    expected = F.linear(x, w + (6 / 2) * bb @ a, b)  # the LoRA paper's W + (alpha / r) B A, in float64
+    assert torch.allclose(layer(x.float()).double(), expected, atol=1e-5)
+    assert layer.weight is base.weight  # shared, not copied
+
+
+def test_merged_equals_adapted():
+    model = tiny_gpt()
+    apply_lora(model, r=4, alpha=16)
+    for p in lora_parameters(model):
+        torch.nn.init.normal_(p, std=0.1)  # a trained-looking adapter
+    x = tokens()
+    adapted = model(x)
+    merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert sorted(n for n, _ in model.named_parameters()) == sorted(n for n, _ in tiny_gpt().named_parameters())
+    assert torch.allclose(model(x), adapted, atol=1e-5)
+
+
+def test_only_adapters_get_gradients():
+    model = tiny_gpt()
+    apply_lora(model, ["attn.c_attn", "mlp.c_fc"], r=2, alpha=4)
+    for p in lora_parameters(model):
+        torch.nn.init.normal_(p, std=0.1)
+    x = tokens()
+    _, loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    expected = {f"transformer.h.{i}.{t}.lora_{m}" for i in range(2) for t in ("attn.c_attn", "mlp.c_fc") for m in "AB"}
+    assert with_grad == expected
+
+
+def test_parameter_counts_by_hand():
+    model = tiny_gpt()
+    apply_lora(model, GPT_TARGETS, r=4, alpha=8)
+    d = 32  # c_attn 32 -> 96, attn.c_proj 32 -> 32, c_fc 32 -> 128, mlp.c_proj 128 -> 32; two blocks
+    by_hand = 2 * 4 * ((d + 3 * d) + (d + d) + (d + 4 * d) + (4 * d + d))
+    assert by_hand == 2 * 4 * 512 == 4096
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == by_hand
+    assert count_lora_parameters([(32, 96), (32, 32), (32, 128), (128, 32)] * 2, 4) == by_hand
+
+
+def test_bad_inputs():
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="names no module"):
+        apply_lora(model, ["attn.c_query"], r=4, alpha=8)
+    for r in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="rank r must be a positive int"):
+            apply_lora(model, r=r, alpha=8)
+    with pytest.raises(ValueError, match="alpha"):
+        apply_lora(model, r=4, alpha=0)
+    with pytest.raises(TypeError, match="not a linear layer"):
+        apply_lora(model, ["ln_1"], r=4, alpha=8)
+    apply_lora(model, r=2, alpha=4)
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        apply_lora(model, r=2, alpha=4)
