@@ -426,9 +426,16 @@ def _load_tokenizer(run: Path, meta: dict, vocab_size: int, tokenizer_path: Path
     recorded = (meta.get("tokenizer") or {}).get("path")
     if recorded:
         candidates.append(Path(recorded))
+    expected = (meta.get("tokenizer") or {}).get("sha256")
     for candidate in candidates:
         if candidate is not None and candidate.is_file():
-            return BPETokenizer.load(candidate).to_tiktoken()
+            tokenizer = BPETokenizer.load(candidate)
+            if expected and tokenizer.fingerprint() != expected:
+                raise ValueError(
+                    f"{candidate} is not the tokenizer the model was trained with: sha256 "
+                    f"{tokenizer.fingerprint()}, the checkpoint records {expected}"
+                )
+            return tokenizer.to_tiktoken()
     if tokenizer_path is not None:
         raise FileNotFoundError(f"no tokenizer at {tokenizer_path}")
     if vocab_size == 50257:

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,26 +109,37 @@ def pretrain(
 ) -> PretrainedRun:
     """Trains the course model from scratch with ``settings`` into ``settings.run_dir()``.
 
-    A previous run in that folder is replaced. The tokenizer is saved in the folder and its
-    fingerprint goes into the checkpoint, the validation text's size into the history (``val_bpc``), and ``settings.json``
+    A previous run in that folder is replaced when this one has finished (training happens in a
+    folder of its own, renamed into place at the end, so two processes never write into one run).
+    The tokenizer is saved in the folder and its fingerprint goes into the checkpoint, the validation text's size into the history (``val_bpc``), and ``settings.json``
     is written last, so a run stopped half-way is never taken for a finished one.
     """
     if not isinstance(settings, PretrainSettings):
         raise TypeError(f"settings must be a PretrainSettings, got {type(settings).__name__}")
     data = course_data(settings.vocab_size, settings.subset, split_seed=settings.split_seed) if data is None else data
     run_dir = settings.run_dir()
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    tokenizer_path = data.tokenizer.save(run_dir / TOKENIZER_NAME)  # the run folder is complete on its own
+    # Train in a folder of this process's own, renamed into place at the end: a run that another
+    # chapter (another process) is training or reading at the same time is never clobbered.
+    partial = run_dir.with_name(f"{run_dir.name}.partial-{os.getpid()}")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    data.tokenizer.save(partial / TOKENIZER_NAME)  # the run folder is complete on its own
     seed_everything(settings.seed)
     model = GPT(settings.model_config(data.tokenizer.vocab_size))
-    history = train(
-        model, data.train_ids, data.val_ids, settings.train_config(progress=progress), out_dir=run_dir,
-        tokenizer=tokenizer_fingerprint(tokenizer_path), val_stats=text_stats(data.val_ids, data.tokenizer),
-        callback=callback,
-    )
-    atomic_write_text(run_dir / SETTINGS_NAME, json.dumps(dataclasses.asdict(settings), indent=1))
+    try:
+        history = train(
+            model, data.train_ids, data.val_ids, settings.train_config(progress=progress), out_dir=partial,
+            tokenizer=tokenizer_fingerprint(data.tokenizer, run_dir / TOKENIZER_NAME),
+            val_stats=text_stats(data.val_ids, data.tokenizer), callback=callback,
+        )
+        atomic_write_text(partial / SETTINGS_NAME, json.dumps(dataclasses.asdict(settings), indent=1))
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        os.replace(partial, run_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return PretrainedRun(model, data, history, run_dir, settings, trained_now=True)
 
 

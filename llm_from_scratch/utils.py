@@ -168,7 +168,7 @@ class SourceCode:
 
 def _package_path(obj) -> str:
     try:
-        path = Path(inspect.getsourcefile(obj) or "").resolve()
+        path = Path(inspect.getsourcefile(inspect.unwrap(obj)) or "").resolve()  # decorated: the function itself
     except TypeError:
         return ""
     package_root = Path(__file__).resolve().parent.parent

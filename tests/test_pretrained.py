@@ -52,3 +52,18 @@ def test_bad_settings():
         PretrainSettings(max_steps=0)
     with pytest.raises(TypeError, match="PretrainSettings"):
         pretrained_model({"subset": "tiny"})
+
+
+def test_generate_command_uses_the_run_folder_and_refuses_another_tokenizer(artifacts, capsys):
+    from llm_from_scratch.__main__ import main
+    from llm_from_scratch.bpe import BPETokenizer
+
+    run = pretrain(PretrainSettings(**TINY))
+    assert [p.name for p in run.run_dir.parent.iterdir()] == [run.run_dir.name]  # no partial folder left
+    assert main(["generate", "--checkpoint", str(run.run_dir), "--prompt", "HAMLET.", "--max-new-tokens", "3",
+                 "--seed", "1", "--device", "cpu"]) == 0
+    other = BPETokenizer.from_gpt2().save(artifacts / "gpt2.json")
+    with pytest.raises(SystemExit):
+        main(["generate", "--checkpoint", str(run.run_dir), "--prompt", "HAMLET.", "--tokenizer", str(other),
+              "--device", "cpu"])
+    assert "is not the tokenizer the model was trained with" in capsys.readouterr().err

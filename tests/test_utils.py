@@ -130,6 +130,8 @@ def test_show_source_renders_a_function_and_chosen_methods():
     method = show_source(GPT.forward)
     assert method.code.startswith("def forward(")  # dedented: a method shown alone compiles
     compile(method.code, "<forward>", "exec")
+    decorated = show_source(GPT.load_hf_gpt2_state_dict)  # wrapped by @torch.no_grad(): still model.py
+    assert decorated.header.startswith("# llm_from_scratch/model.py, lines ")
     with pytest.raises(ValueError, match="no_such"):
         show_source(GPT, "no_such")
     with pytest.raises(TypeError, match="function, method or class"):
