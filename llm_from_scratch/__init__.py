@@ -5,6 +5,10 @@ Each module holds one concept of the pipeline, in the order the book builds it:
     data -> bpe -> linear -> attention -> loss -> model -> metrics -> train -> pretrained -> generate
     -> distributed
 
+``instruct``, ``dpo`` and ``chat`` (the chapter "Following instructions": chat template, SFT,
+DPO, the chat loop of ``python -m llm_from_scratch chat`` / ``serve``) are in the second half of the
+book too, "Making it useful": they import the first half and are never imported by it.
+
 Chapters import from here; nothing is copied between chapters. See the book's
 introduction for the map. Functions named like their module (``train.train``,
 ``generate.generate``) are not re-exported, so ``llm_from_scratch.train`` stays the module.
@@ -19,6 +23,7 @@ from llm_from_scratch.bpe import (
     train_bpe,
     train_or_load_tokenizer,
 )
+from llm_from_scratch.chat import ChatSession, ChatSettings, MessageError, build_prompt, create_app
 from llm_from_scratch.data import (
     SimpleTokenizer,
     SlidingWindowDataset,
@@ -31,6 +36,7 @@ from llm_from_scratch.data import (
     train_val_split,
     write_token_file,
 )
+from llm_from_scratch.dpo import PreferenceDataset, dpo_loss, preference_pairs, response_logprobs, train_dpo
 from llm_from_scratch.generate import (
     load_model,
     pad_prompts,
@@ -38,6 +44,19 @@ from llm_from_scratch.generate import (
     stream_generate,
     top_k_filter,
     top_p_filter,
+)
+from llm_from_scratch.instruct import (
+    InstructionDataset,
+    chat_tokenizer,
+    encode_example,
+    exact_match,
+    generate_answers,
+    load_chat_model,
+    resize_token_embeddings,
+    save_chat_model,
+    shakespeare_instructions,
+    split_by_item,
+    train_sft,
 )
 from llm_from_scratch.linear import Linear
 from llm_from_scratch.loss import cross_entropy
@@ -127,6 +146,30 @@ __all__ = [
     "stream_generate",
     "top_k_filter",
     "top_p_filter",
+    # instruct (chapter "Following instructions")
+    "InstructionDataset",
+    "chat_tokenizer",
+    "encode_example",
+    "exact_match",
+    "generate_answers",
+    "load_chat_model",
+    "resize_token_embeddings",
+    "save_chat_model",
+    "shakespeare_instructions",
+    "split_by_item",
+    "train_sft",
+    # dpo
+    "PreferenceDataset",
+    "dpo_loss",
+    "preference_pairs",
+    "response_logprobs",
+    "train_dpo",
+    # chat
+    "ChatSession",
+    "ChatSettings",
+    "MessageError",
+    "build_prompt",
+    "create_app",
     # modern
     "GroupedQueryAttention",
     "ModernConfig",

@@ -130,7 +130,7 @@ def dpo_step(
     loss.backward()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
     optimizer.step()
-    return {"loss": float(loss), "chosen_reward": float(chosen.mean()), "rejected_reward": float(rejected.mean()),
+    return {"loss": loss.item(), "chosen_reward": float(chosen.mean()), "rejected_reward": float(rejected.mean()),
             "margin": float((chosen - rejected).mean()), "accuracy": float((chosen > rejected).float().mean())}
 
 

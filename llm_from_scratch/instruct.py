@@ -397,7 +397,7 @@ def train_sft(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        row = {"step": step + 1, "train_loss": float(loss)}
+        row = {"step": step + 1, "train_loss": loss.item()}
         if val_dataset is not None and ((step + 1) % eval_interval == 0 or step + 1 == steps):
             row["val_loss"] = dataset_loss(model, val_dataset, pad_id=pad_id)
         history.append(row)
