@@ -2,8 +2,12 @@
 
 Each module holds one concept of the pipeline, in the order the book builds it:
 
-    data -> bpe -> linear -> attention -> loss -> model -> metrics -> train -> pretrained -> generate
-    -> distributed
+    data -> bpe -> linear -> attention -> loss -> model -> registry -> metrics -> checkpoint -> train
+    -> pretrained -> generate -> distributed -> lora -> finetune
+
+``lora`` and ``finetune`` open the second half of the book, "Making it useful": they import the
+first half and are never imported by it (``registry`` lists the first half's models; ``finetune``
+registers its classifier there when imported).
 
 ``instruct``, ``dpo`` and ``chat`` (the chapter "Following instructions": chat template, SFT,
 DPO, the chat loop of ``python -m llm_from_scratch chat`` / ``serve``) are in the second half of the
@@ -24,6 +28,13 @@ from llm_from_scratch.bpe import (
     train_or_load_tokenizer,
 )
 from llm_from_scratch.chat import ChatSession, ChatSettings, MessageError, build_prompt, create_app
+from llm_from_scratch.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    save_checkpoint,
+    tokenizer_fingerprint,
+)
 from llm_from_scratch.data import (
     SimpleTokenizer,
     SlidingWindowDataset,
@@ -37,6 +48,14 @@ from llm_from_scratch.data import (
     write_token_file,
 )
 from llm_from_scratch.dpo import PreferenceDataset, dpo_loss, preference_pairs, response_logprobs, train_dpo
+from llm_from_scratch.finetune import (
+    ClassifierConfig,
+    FinetuneConfig,
+    GPTClassifier,
+    LabelledTexts,
+    genre_dataset,
+    genre_split,
+)
 from llm_from_scratch.generate import (
     load_model,
     pad_prompts,
@@ -59,6 +78,7 @@ from llm_from_scratch.instruct import (
     train_sft,
 )
 from llm_from_scratch.linear import Linear
+from llm_from_scratch.lora import LoRALinear, apply_lora, merge_lora
 from llm_from_scratch.loss import cross_entropy
 from llm_from_scratch.metrics import TextStats, text_stats
 from llm_from_scratch.model import GPT, GPTConfig, count_parameters, estimate_flops_per_token
@@ -72,14 +92,13 @@ from llm_from_scratch.modern import (
     apply_rope,
 )
 from llm_from_scratch.pretrained import PretrainSettings, pretrain, pretrained_model
+from llm_from_scratch.registry import MODEL_CLASSES, register_model
 from llm_from_scratch.train import (
     TrainConfig,
     bits_per_char,
     configure_optimizer,
     evaluate,
-    load_checkpoint,
     lr_at,
-    save_checkpoint,
 )
 from llm_from_scratch.utils import artifacts_dir, get_device, seed_everything, show_source
 
@@ -131,14 +150,21 @@ __all__ = [
     "PretrainSettings",
     "pretrain",
     "pretrained_model",
+    # registry
+    "MODEL_CLASSES",
+    "register_model",
+    # checkpoint
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_NAME",
+    "load_checkpoint",
+    "save_checkpoint",
+    "tokenizer_fingerprint",
     # train
     "TrainConfig",
     "bits_per_char",
     "configure_optimizer",
     "evaluate",
-    "load_checkpoint",
     "lr_at",
-    "save_checkpoint",
     # generate (generate.generate stays under its module, like train.train)
     "load_model",
     "pad_prompts",
@@ -146,6 +172,17 @@ __all__ = [
     "stream_generate",
     "top_k_filter",
     "top_p_filter",
+    # lora
+    "LoRALinear",
+    "apply_lora",
+    "merge_lora",
+    # finetune (finetune.finetune stays under its module)
+    "ClassifierConfig",
+    "FinetuneConfig",
+    "GPTClassifier",
+    "LabelledTexts",
+    "genre_dataset",
+    "genre_split",
     # instruct (chapter "Following instructions")
     "InstructionDataset",
     "chat_tokenizer",

@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     from llm_from_scratch.generate import add_generate_parser
 
     add_generate_parser(subparsers)
+    from llm_from_scratch.finetune import add_finetune_parsers
+
+    add_finetune_parsers(subparsers)  # finetune-classifier, classify
     from llm_from_scratch.chat import add_chat_parsers
 
     add_chat_parsers(subparsers)  # chat, serve
