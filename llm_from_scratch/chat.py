@@ -168,10 +168,12 @@ class ChatSession:
 
 
 def run_terminal(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    """The terminal chat: a line is a message; ``/reset`` forgets the conversation, ``/quit`` (or end of input) ends."""
+    """The terminal chat: a line is a message (``\\n`` typed in it is a line break); ``/reset`` forgets the
+    conversation, ``/quit`` (or end of input) ends."""
     stdin = sys.stdin if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout
-    stdout.write("Type a message and press Enter. /reset forgets the conversation, /quit ends.\n")
+    stdout.write("Type a message and press Enter (\\n in it starts a new line). /reset forgets the conversation, "
+                 "/quit ends.\n")
     while True:
         stdout.write("you> ")
         stdout.flush()
@@ -179,7 +181,7 @@ def run_terminal(session: ChatSession, stdin: TextIO | None = None, stdout: Text
         if not line:
             stdout.write("\n")
             return 0
-        message = line.rstrip("\n")
+        message = line.rstrip("\n").replace("\\n", "\n")  # one line per message: \n typed as two characters
         if message.strip() == "/quit":
             return 0
         if message.strip() == "/reset":

@@ -80,6 +80,8 @@ def test_terminal_loop_resets_and_quits():
     text = out.getvalue()
     assert text.count("model> ") == 2 and "(conversation forgotten)" in text and "empty" in text
     assert len(session.history) == 1 and session.history[0][0] == "Which play?"
+    run_terminal(session, io.StringIO("Which play is this from?\\nIf music be the food of love\n"), io.StringIO())
+    assert session.history[-1][0] == "Which play is this from?\nIf music be the food of love"
 
 
 def test_chat_command(tmp_path, monkeypatch, capsys):
