@@ -299,8 +299,8 @@ def create_app(model: GPT, tokenizer: BPETokenizer, settings: ChatSettings = Cha
     """
     import html
 
-    import anyio
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.routing import Route
@@ -338,7 +338,7 @@ def create_app(model: GPT, tokenizer: BPETokenizer, settings: ChatSettings = Cha
             pieces = stream_reply(model, tokenizer, prompt, settings, lock=lock)
             try:
                 while True:
-                    piece = await anyio.to_thread.run_sync(next, pieces, None)
+                    piece = await run_in_threadpool(next, pieces, None)
                     if piece is None:
                         break
                     yield f"data: {json.dumps({'text': piece})}\n\n"
@@ -347,7 +347,7 @@ def create_app(model: GPT, tokenizer: BPETokenizer, settings: ChatSettings = Cha
                 logger.exception("generation failed")
                 yield f"data: {json.dumps({'error': f'The model failed: {err}'})}\n\n"
             finally:
-                await anyio.to_thread.run_sync(pieces.close)
+                await run_in_threadpool(pieces.close)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
