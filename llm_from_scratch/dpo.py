@@ -172,7 +172,8 @@ def train_dpo(
             batches = length_batches(dataset.lengths(), batch_size, seed=seed + step)
         inputs, labels = collate_pairs([dataset[i] for i in batches.pop()], pad_id)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, max_lr=lr, min_lr=lr / 10, warmup_steps=warmup_steps, decay_steps=steps)
+            group["lr"] = lr_at(step, max_lr=lr, min_lr=lr / 10, warmup_steps=min(warmup_steps, steps),
+                                decay_steps=steps)
         history.append({"step": step + 1, **dpo_step(policy, reference, inputs, labels, optimizer, beta=beta)})
     policy.eval()
     return history

@@ -391,7 +391,8 @@ def train_sft(
             batches = length_batches(dataset.lengths(), batch_size, seed=seed + step)
         inputs, labels = collate([dataset[i] for i in batches.pop()], pad_id)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, max_lr=lr, min_lr=lr / 10, warmup_steps=warmup_steps, decay_steps=steps)
+            group["lr"] = lr_at(step, max_lr=lr, min_lr=lr / 10, warmup_steps=min(warmup_steps, steps),
+                                decay_steps=steps)
         loss = sft_loss(model, inputs, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
