@@ -37,6 +37,10 @@ NOT_RUN = {
     "make test": "runs every test, this one included",
     "make book": "builds the whole book (minutes); make test builds it with make html and make pdf",
     ".venv/bin/jupyter lab chapters/": "starts an interactive server that never exits",
+    ".venv/bin/python -m llm_from_scratch chat artifacts/instructions/chat-<key>":
+        "an interactive terminal loop on the instruction chapter's model; tests/test_chat.py drives the same loop",
+    ".venv/bin/python -m llm_from_scratch serve artifacts/instructions/chat-<key>":
+        "a server that runs until stopped; tests/book/test_serve_browser.py starts it and uses it in Chromium",
 }
 
 #: Options of `train --out` set to tiny values (added when the command does not give them).
