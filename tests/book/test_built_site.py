@@ -35,12 +35,23 @@ def _flat(text: str) -> str:
 def _solution_lines(notebook) -> list[str]:
     """Distinctive lines of the notebook's solution cells: long, and in no other cell."""
     cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
-    other = "\n".join("".join(c["source"]) for c in cells if "solution" not in c["metadata"].get("tags", []))
+    # What the other cells show, their outputs included: package code shown by show_source (an output) may
+    # hold the very line that a solution re-implements.
+    shown = []
+    for c in cells:
+        if "solution" in c["metadata"].get("tags", []):
+            continue
+        shown.append("".join(c["source"]))
+        for out in c.get("outputs", []):
+            shown.append("".join(out.get("text", "")))
+            for mime in ("text/markdown", "text/plain"):
+                shown.append("".join(out.get("data", {}).get(mime, "")))
+    other = _flat("\n".join(shown))
     lines = []
     for cell in cells:
         if "solution" in cell["metadata"].get("tags", []):
             lines += [line.strip() for line in "".join(cell["source"]).splitlines()
-                      if len(line.strip()) >= 30 and line.strip() not in other and not line.strip().startswith("#")]
+                      if len(line.strip()) >= 30 and _flat(line) not in other and not line.strip().startswith("#")]
     return lines
 
 
