@@ -822,8 +822,6 @@ def course_data(
     The same arguments give the same split, the same tokenizer file and the same ids in every
     chapter and in ``python -m llm_from_scratch train``. Explained in the chapter "Pre-training".
     """
-    import torch
-
     from llm_from_scratch.data import load_documents, train_val_split
 
     if not 0 < val_fraction < 1:
@@ -831,9 +829,15 @@ def course_data(
     tokenizer = train_or_load_tokenizer(vocab_size, subset, val_fraction=val_fraction, split_seed=split_seed)
     documents = load_documents("shakespeare", subset=subset)
     train_docs, val_docs = train_val_split(documents, val_fraction, seed=split_seed)
+    return CourseData(tokenizer, train_docs, val_docs, *encode_documents(tokenizer, train_docs, val_docs))
+
+
+def encode_documents(tokenizer: BPETokenizer, *document_lists: list[str]) -> list[torch.Tensor]:
+    """Each list of documents joined by ``<|endoftext|>`` and encoded: one 1-D int64 tensor per list."""
+    import torch
+
     encoding = tokenizer.to_tiktoken()
-    ids = [
+    return [
         torch.tensor(encoding.encode(ENDOFTEXT.join(docs), allowed_special={ENDOFTEXT}), dtype=torch.int64)
-        for docs in (train_docs, val_docs)
+        for docs in document_lists
     ]
-    return CourseData(tokenizer, train_docs, val_docs, ids[0], ids[1])

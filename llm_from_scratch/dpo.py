@@ -28,9 +28,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llm_from_scratch.bpe import BPETokenizer
-from llm_from_scratch.instruct import Example, _check_text, collate, encode_example, length_batches
+from llm_from_scratch.instruct import (
+    Example,
+    _check_text,
+    collate,
+    encode_example,
+    scheduled_batches,
+)
 from llm_from_scratch.model import GPT, IGNORE_INDEX
-from llm_from_scratch.train import lr_at
 
 
 def response_logprobs(model: GPT, inputs: Tensor, labels: Tensor) -> Tensor:
@@ -164,16 +169,11 @@ def train_dpo(
     reference = frozen_copy(policy) if reference is None else reference
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    batches: list[list[int]] = []
     history = []
     policy.train()
-    for step in range(steps):
-        if not batches:
-            batches = length_batches(dataset.lengths(), batch_size, seed=seed + step)
-        inputs, labels = collate_pairs([dataset[i] for i in batches.pop()], pad_id)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, max_lr=lr, min_lr=lr / 10, warmup_steps=min(warmup_steps, steps),
-                                decay_steps=steps)
+    for step, batch in scheduled_batches(dataset, optimizer, steps=steps, batch_size=batch_size, lr=lr,
+                                         warmup_steps=warmup_steps, seed=seed):
+        inputs, labels = collate_pairs(batch, pad_id)
         history.append({"step": step + 1, **dpo_step(policy, reference, inputs, labels, optimizer, beta=beta)})
     policy.eval()
     return history

@@ -341,6 +341,21 @@ def resize_token_embeddings(model: GPT, vocab_size: int) -> GPT:
     return new
 
 
+def scheduled_batches(dataset, optimizer: torch.optim.Optimizer, *, steps: int, batch_size: int, lr: float,
+                      warmup_steps: int, seed: int):
+    """The fine-tuning loops' steps: yields ``(step, examples)`` for ``steps`` steps, each a batch of
+    similar lengths (``length_batches``, reshuffled with ``seed + step`` whenever they run out), after
+    setting ``optimizer``'s learning rate to warm-up then cosine (``train.lr_at``, floor ``lr / 10``)."""
+    batches: list[list[int]] = []
+    for step in range(steps):
+        if not batches:
+            batches = length_batches(dataset.lengths(), batch_size, seed=seed + step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, max_lr=lr, min_lr=lr / 10, warmup_steps=min(warmup_steps, steps),
+                                decay_steps=steps)
+        yield step, [dataset[i] for i in batches.pop()]
+
+
 def sft_loss(model: GPT, inputs: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy over the labelled positions (``labels != -100``)."""
     return next_token_loss(model(inputs), labels)
@@ -383,16 +398,11 @@ def train_sft(
         raise ValueError(f"steps must be >= 1, got {steps}")
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    batches: list[list[int]] = []
     history = []
     model.train()
-    for step in range(steps):
-        if not batches:
-            batches = length_batches(dataset.lengths(), batch_size, seed=seed + step)
-        inputs, labels = collate([dataset[i] for i in batches.pop()], pad_id)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, max_lr=lr, min_lr=lr / 10, warmup_steps=min(warmup_steps, steps),
-                                decay_steps=steps)
+    for step, batch in scheduled_batches(dataset, optimizer, steps=steps, batch_size=batch_size, lr=lr,
+                                         warmup_steps=warmup_steps, seed=seed):
+        inputs, labels = collate(batch, pad_id)
         loss = sft_loss(model, inputs, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

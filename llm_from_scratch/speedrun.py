@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llm_from_scratch.bpe import ENDOFTEXT, BPETokenizer, CourseData, course_data, train_bpe
+from llm_from_scratch.bpe import ENDOFTEXT, BPETokenizer, CourseData, course_data, encode_documents, train_bpe
 from llm_from_scratch.data import CharTokenizer, get_batch, load_documents, shakespeare_files
 from llm_from_scratch.model import GPT, GPTConfig
 from llm_from_scratch.modern import ModernConfig, TransformerLM
@@ -203,6 +203,17 @@ def _work_name(path: Path) -> str:
     return path.name.removesuffix("_gut.txt")
 
 
+def _split_by_work(subset: str | None, heldout: str) -> tuple[list[str], list[str]]:
+    """The documents of ``subset``: every work but ``heldout`` (training), and ``heldout`` (validation)."""
+    names = [_work_name(p) for p in shakespeare_files(subset)]
+    if heldout not in names:
+        raise ValueError(f"work {heldout!r} is not in the subset {subset!r}: expected one of {names}")
+    documents = load_documents("shakespeare", subset=subset)
+    train_docs = [d for n, d in zip(names, documents, strict=True) if n != heldout]
+    val_docs = [d for n, d in zip(names, documents, strict=True) if n == heldout]
+    return train_docs, val_docs
+
+
 def heldout_data(vocab_size: int = 4096, subset: str | None = "small", *, heldout: str = HELDOUT_WORK) -> CourseData:
     """The corpus ``subset`` split into every work but ``heldout`` (training) and ``heldout`` (validation).
 
@@ -216,12 +227,7 @@ def heldout_data(vocab_size: int = 4096, subset: str | None = "small", *, heldou
         data = course_data(vocab_size, "small")
         if len(data.val_docs) == 1 and data.val_docs[0].lstrip().upper().startswith(heldout.upper()):
             return data
-    names = [_work_name(p) for p in shakespeare_files(subset)]
-    if heldout not in names:
-        raise ValueError(f"work {heldout!r} is not in the subset {subset!r}: expected one of {names}")
-    documents = load_documents("shakespeare", subset=subset)
-    train_docs = [d for n, d in zip(names, documents, strict=True) if n != heldout]
-    val_docs = [d for n, d in zip(names, documents, strict=True) if n == heldout]
+    train_docs, val_docs = _split_by_work(subset, heldout)
     path = artifacts_dir("tokenizers") / f"shakespeare-{subset or 'full'}-without-{heldout}-{vocab_size}-lexicographic.json"
     if path.exists():
         tokenizer = BPETokenizer.load(path)
@@ -229,10 +235,7 @@ def heldout_data(vocab_size: int = 4096, subset: str | None = "small", *, heldou
         vocab, merges = train_bpe(ENDOFTEXT.join(train_docs), vocab_size, (ENDOFTEXT,))
         tokenizer = BPETokenizer(vocab, merges, [ENDOFTEXT])
         tokenizer.save(path)
-    encoding = tokenizer.to_tiktoken()
-    ids = [torch.tensor(encoding.encode(ENDOFTEXT.join(docs), allowed_special={ENDOFTEXT}), dtype=torch.int64)
-           for docs in (train_docs, val_docs)]
-    return CourseData(tokenizer, train_docs, val_docs, ids[0], ids[1])
+    return CourseData(tokenizer, train_docs, val_docs, *encode_documents(tokenizer, train_docs, val_docs))
 
 
 @dataclass
@@ -252,12 +255,7 @@ def heldout_char_data(subset: str | None = "small", *, heldout: str = HELDOUT_WO
     The vocabulary is the characters of the training works (plus the newline that joins them);
     a character of the held-out work outside it raises ``KeyError`` (none does in this corpus).
     """
-    names = [_work_name(p) for p in shakespeare_files(subset)]
-    if heldout not in names:
-        raise ValueError(f"work {heldout!r} is not in the subset {subset!r}: expected one of {names}")
-    documents = load_documents("shakespeare", subset=subset)
-    train_docs = [d for n, d in zip(names, documents, strict=True) if n != heldout]
-    val_docs = [d for n, d in zip(names, documents, strict=True) if n == heldout]
+    train_docs, val_docs = _split_by_work(subset, heldout)
     train_text, val_text = "\n\n".join(train_docs), "\n\n".join(val_docs)
     tokenizer = CharTokenizer.from_text(train_text)
     return CharData(tokenizer, train_docs, val_docs, torch.tensor(tokenizer.encode(train_text), dtype=torch.int64),
