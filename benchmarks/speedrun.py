@@ -8,7 +8,7 @@ package code (``llm_from_scratch.speedrun.train_for_budget``: ``train.configure_
 ``train.train_step``), each scored on every non-overlapping window of the same held-out work
 (Macbeth) with ``train.bits_per_char``:
 
-1. the recipe (``RECIPE`` below, chosen by ``benchmarks/speedrun_search.py``);
+1. the recipe (``speedrun.RECIPE``, chosen by ``benchmarks/speedrun_search.py``);
 2. a character-level model (``data.CharTokenizer`` over the same training works) with the
    recipe's model and optimizer, its context in characters twice the recipe's in tokens;
 3. the chapter "Pre-training"'s earlier recipe (tiny GPT, BPE 4096 on the small subset,
@@ -30,12 +30,7 @@ import time
 import torch
 
 from llm_from_scratch.generate import generate
-from llm_from_scratch.speedrun import PREVIOUS_RECIPE, Budget, Recipe, cpu_supports_bf16, run_recipe
-
-#: The recipe: see benchmarks/RESULTS.md ("Speedrun") for the search that chose it.
-RECIPE = Recipe(subset=None, vocab_size=4096, arch="llama", d_model=256, n_layers=4, n_heads=4, context_length=256,
-                tie_weights=True, batch_size=16, max_lr=2e-3, warmup_fraction=0.02, decay_fraction=0.4,
-                schedule="wsd", precision="auto")
+from llm_from_scratch.speedrun import PREVIOUS_RECIPE, RECIPE, Budget, Recipe, cpu_supports_bf16, run_recipe
 
 
 def char_recipe(recipe: Recipe) -> Recipe:
@@ -44,7 +39,8 @@ def char_recipe(recipe: Recipe) -> Recipe:
 
 def sample(result, prompt: str, n_tokens: int, seed: int = 0) -> str:
     ids = result.tokenizer.encode(prompt)
-    out = generate(result.model, torch.tensor([ids]), n_tokens, temperature=0.8, top_k=50,
+    device = next(result.model.parameters()).device
+    out = generate(result.model, torch.tensor([ids], device=device), n_tokens, temperature=0.8, top_k=50,
                    generator=torch.Generator().manual_seed(seed))
     return result.tokenizer.decode(out[0].tolist())
 
@@ -55,6 +51,7 @@ def main() -> None:
     parser.add_argument("--cpu-seconds", type=float, default=None,
                         help="budget each row by process CPU seconds per thread instead (shared machines)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
+    parser.add_argument("--device", default="cpu", help="where each row trains: cpu, cuda, auto (utils.get_device)")
     parser.add_argument("--rows", default="recipe,chars,previous", help="comma-separated: recipe, chars, previous")
     parser.add_argument("--sample-tokens", type=int, default=120, help="tokens of a sample from each BPE model")
     args = parser.parse_args()
@@ -73,7 +70,7 @@ def main() -> None:
         name, recipe = rows[key]
         load = os.getloadavg()
         t0 = time.perf_counter()
-        result = run_recipe(recipe, budget)
+        result = run_recipe(recipe, budget, device=args.device)
         results.append((name, result, load, os.getloadavg(), time.perf_counter() - t0))
         print(f"  {name}: {result.run.steps} steps, {result.score['bits_per_char']:.3f} bits/char "
               f"(load {load[0]:.2f} -> {os.getloadavg()[0]:.2f})", flush=True)

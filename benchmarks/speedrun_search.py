@@ -1,10 +1,12 @@
 """The recipe search behind ``benchmarks/speedrun.py``: each change to the recipe, at equal budget.
 
     .venv/bin/python benchmarks/speedrun_search.py --cpu-seconds 60 --threads 1 base vocab2048 gpt ...
+    .venv/bin/python benchmarks/speedrun_search.py --minutes 2 --threads 2 base gpt ...   # quiet machine
     .venv/bin/python benchmarks/speedrun_search.py --table          # the table of every run so far
 
 Every variant is the base recipe (``BASE`` below) with one change, trained for the same budget
-(by default process CPU time, so that runs on a shared machine compare) on the training works
+(process CPU time per thread, so that runs on a shared machine compare, or with ``--minutes``
+the wall clock, on a quiet machine) on the training works
 minus a dev work (Julius Caesar), and scored on every window of the dev work and of the held-out
 work (Macbeth). Choices are made on the dev column; the Macbeth column is reported once per row.
 Results are appended to ``artifacts/speedrun/search.jsonl``.
@@ -38,6 +40,7 @@ VARIANTS = {
     "untied": dict(tie_weights=False),
     "fp32": dict(precision="fp32"),
     "cosine": dict(schedule="cosine"),
+    "lr5e-4": dict(max_lr=5e-4),
     "lr1e-3": dict(max_lr=1e-3),
     "lr4e-3": dict(max_lr=4e-3),
     "warmup10": dict(warmup_fraction=0.1),
@@ -48,6 +51,8 @@ VARIANTS = {
     "d384": dict(d_model=384, n_heads=6),
     "layers6": dict(n_layers=6),
     "layers2": dict(n_layers=2),
+    "ctx32": dict(context_length=32),
+    "ctx64": dict(context_length=64),
     "ctx128": dict(context_length=128),
     "ctx512": dict(context_length=512),
     "gpt_dropout0.1": dict(arch="gpt", dropout=0.1),
@@ -65,18 +70,22 @@ def variant(name: str) -> Recipe:
 
 
 def print_table(path) -> None:
+    """Every run of ``path``, in order, as a Markdown table; changes are against the first "base" row."""
     rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    print("| variant | budget | params | steps | tokens | dev bpc | Macbeth bpc | Macbeth nats/token |")
+    base = next((r for r in rows if r["name"] == "base"), None)
+    print("| variant | budget | params | steps | tokens | dev bpc | change vs base | Macbeth bpc |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        delta = f"{r['dev_bpc'] - base['dev_bpc']:+.3f}" if base else ""
         print(f"| {r['name']} | {r['budget']} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['tokens'] / 1e6:.2f}M | "
-              f"{r['dev_bpc']:.3f} | {r['val_bpc']:.3f} | {r['val_nats']:.3f} |")
+              f"{r['dev_bpc']:.3f} | {delta} | {r['val_bpc']:.3f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("variants", nargs="*", help=f"names, '+' combines changes: {', '.join(VARIANTS)}")
     parser.add_argument("--cpu-seconds", type=float, default=60.0, help="budget: process CPU seconds per thread")
+    parser.add_argument("--minutes", type=float, default=None, help="budget: wall-clock minutes (a quiet machine)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table", action="store_true", help="print the table of the runs so far")
     parser.add_argument("--out", default=str(artifacts_dir("speedrun") / "search.jsonl"))
@@ -85,7 +94,10 @@ def main() -> None:
         print_table(args.out)
         return
     torch.set_num_threads(args.threads)
-    budget = Budget(seconds=args.cpu_seconds, clock="cpu")
+    budget = (Budget(seconds=60 * args.minutes, clock="wall") if args.minutes
+              else Budget(seconds=args.cpu_seconds, clock="cpu"))
+    budget_name = (f"{args.minutes:g} min wall x {args.threads} thr" if args.minutes
+                   else f"{args.cpu_seconds:g} CPU-s x {args.threads} thr")
     for name in args.variants:
         recipe = variant(name)
         full = recipe_data(recipe)
@@ -94,7 +106,7 @@ def main() -> None:
         t0 = time.perf_counter()
         result = run_recipe(recipe, budget, data=data, val_ids=dev_ids)
         macbeth = bits_per_char(result.model, full.val_ids, full.tokenizer, context_length=recipe.context_length)
-        row = dict(name=name, budget=f"{args.cpu_seconds:g} CPU-s x {args.threads} thr", params=result.n_parameters,
+        row = dict(name=name, budget=budget_name, params=result.n_parameters,
                    steps=result.run.steps, tokens=result.run.tokens, dev_bpc=result.score["bits_per_char"],
                    val_bpc=macbeth["bits_per_char"], val_nats=macbeth["nats_per_token"],
                    wall=time.perf_counter() - t0, load=[load, os.getloadavg()[0]],

@@ -43,7 +43,7 @@ from llm_from_scratch.data import CharTokenizer, get_batch, load_documents, shak
 from llm_from_scratch.model import GPT, GPTConfig
 from llm_from_scratch.modern import ModernConfig, TransformerLM
 from llm_from_scratch.train import bits_per_char, configure_optimizer, lr_at, train_step
-from llm_from_scratch.utils import artifacts_dir, seed_everything
+from llm_from_scratch.utils import artifacts_dir, get_device, seed_everything
 
 SCHEDULES = ("wsd", "cosine")
 CLOCKS = ("wall", "cpu")
@@ -357,6 +357,17 @@ PREVIOUS_RECIPE = Recipe(subset="small", vocab_size=4096, arch="gpt", d_model=12
                          seed=1234)
 
 
+#: The recipe of the chapter's section "How good can five minutes get" and of ``benchmarks/speedrun.py``,
+#: chosen one change at a time by ``benchmarks/speedrun_search.py`` (the table in ``benchmarks/RESULTS.md``).
+RECIPE = Recipe(subset=None, vocab_size=4096, arch="llama", d_model=256, n_layers=4, n_heads=4, context_length=64,
+                tie_weights=False, batch_size=16, max_lr=1e-3, warmup_fraction=0.02, decay_fraction=0.4,
+                schedule="wsd", precision="auto")
+
+#: A larger starting point for a GPU (not measured by the course: no GPU run is recorded in
+#: ``benchmarks/RESULTS.md``): 8 layers of width 512, context 512, batch 64.
+GPU_RECIPE = RECIPE.replace(d_model=512, n_layers=8, n_heads=8, context_length=512, batch_size=64)
+
+
 def build_model(recipe: Recipe, vocab_size: int) -> nn.Module:
     """The model of ``recipe`` for a vocabulary of ``vocab_size`` (its weights drawn from the current seed)."""
     if recipe.arch == "gpt":
@@ -392,6 +403,7 @@ def train_for_budget(
     *,
     log_interval: int = 25,
     clock: Callable[[], float] | None = None,
+    device: str | torch.device = "cpu",
 ) -> BudgetRun:
     """Trains ``model`` on random windows of ``train_ids`` until ``budget`` is spent.
 
@@ -400,11 +412,15 @@ def train_for_budget(
     tokens (``data.get_batch``, seeded with ``recipe.seed``) and runs ``train.train_step``. A
     time budget stops before a step that would not fit: when the seconds used plus the slowest
     of the last few steps would pass it. ``clock`` replaces the budget's clock (tests).
-    Returns a ``BudgetRun``; the model is left in training mode on the CPU.
+    ``device`` (``utils.get_device``'s names: ``"cpu"``, ``"cuda"``, ``"auto"``...) is where the
+    model trains; the step's loss is read back every step, so the clock sees finished work.
+    Returns a ``BudgetRun``; the model is left in training mode on ``device``.
     """
+    device = get_device(device)
+    model.to(device)
     optimizer = configure_optimizer(model, lr=recipe.max_lr, weight_decay=recipe.weight_decay)
     generator = torch.Generator().manual_seed(recipe.seed)
-    dtype = resolve_precision(recipe.precision, "cpu")
+    dtype = resolve_precision(recipe.precision, device)
     tokens_per_step = recipe.batch_size * recipe.context_length
     model.train()
     wall_start = time.perf_counter()
@@ -460,8 +476,9 @@ def recipe_data(recipe: Recipe):
     return heldout_data(recipe.vocab_size, recipe.subset)
 
 
-def run_recipe(recipe: Recipe, budget: Budget, *, data=None, val_ids=None, log_interval: int = 25) -> RecipeResult:
-    """Trains ``recipe`` within ``budget`` and scores it on every window of the held-out work.
+def run_recipe(recipe: Recipe, budget: Budget, *, data=None, val_ids=None, log_interval: int = 25,
+               device: str | torch.device = "cpu") -> RecipeResult:
+    """Trains ``recipe`` within ``budget`` on ``device`` and scores it on every window of the held-out work.
 
     ``val_ids`` replaces the validation tokens (a dev set carved from the training works, for
     searching without looking at the held-out work). The score is computed in fp32 whatever
@@ -470,7 +487,7 @@ def run_recipe(recipe: Recipe, budget: Budget, *, data=None, val_ids=None, log_i
     data = recipe_data(recipe) if data is None else data
     seed_everything(recipe.seed)
     model = build_model(recipe, data.tokenizer.vocab_size)
-    run = train_for_budget(model, data.train_ids, recipe, budget, log_interval=log_interval)
+    run = train_for_budget(model, data.train_ids, recipe, budget, log_interval=log_interval, device=device)
     score = bits_per_char(model, data.val_ids if val_ids is None else val_ids, data.tokenizer,
                           batch_size=16, context_length=recipe.context_length)
     model.eval()

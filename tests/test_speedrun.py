@@ -167,3 +167,30 @@ def test_recipe_checks_its_choices():
     assert gpt.lm_head.weight is not gpt.transformer.wte.weight
     llama = build_model(TINY, 64)
     assert llama.lm_head.weight is llama.model.embed_tokens.weight
+
+
+# --- devices and the recipes -------------------------------------------------------------------
+
+
+def test_unknown_device_is_refused_before_training():
+    model = build_model(TINY, 64)
+    with pytest.raises(ValueError, match="device"):
+        train_for_budget(model, tiny_ids(), TINY, Budget(steps=1), device="tpu")
+
+
+def test_step_budget_on_the_cpu_device_equals_the_default():
+    runs = []
+    for kwargs in ({}, {"device": "cpu"}):
+        torch.manual_seed(0)
+        model = build_model(TINY, 64)
+        train_for_budget(model, tiny_ids(), TINY, Budget(steps=3), **kwargs)
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert next(iter(build_model(TINY, 64).parameters())).device.type == "cpu"
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_the_gpu_recipe_is_the_cpu_recipe_scaled_up():
+    cpu, gpu = speedrun.RECIPE, speedrun.GPU_RECIPE
+    assert (gpu.subset, gpu.vocab_size, gpu.arch, gpu.schedule) == (cpu.subset, cpu.vocab_size, cpu.arch, cpu.schedule)
+    assert gpu.d_model > cpu.d_model and gpu.context_length > cpu.context_length and gpu.batch_size > cpu.batch_size
+    assert gpu.d_model % gpu.n_heads == 0
