@@ -3,7 +3,8 @@
 Reads the search of ``benchmarks/speedrun_search.py`` as committed in
 ``benchmarks/speedrun_search.jsonl`` (one JSON row per run, the same budget for each, the base recipe
 first) and draws, for every other run, the change in bits per character on the development play
-(Julius Caesar) against the base: left of zero is better. Each label gives the steps the budget bought.
+(Julius Caesar) against the base: left of zero is better. Each label gives the steps the budget bought; the
+grey band is the difference between two runs of the base recipe (the noise).
 Run from the repository root: `.venv/bin/python chapters/figures/make_05_speedrun.py`.
 """
 
@@ -63,12 +64,16 @@ def main() -> None:
                   fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="black", lw=0.8)
+    noise = max((abs(r["dev_bpc"] - base["dev_bpc"]) for r in others if r["name"] == "base"), default=0.0)
+    ax.axvspan(-noise, noise, color="#dddddd", zorder=0, label=f"noise: the base run twice ({noise:.3f})")
+    ax.legend(loc="lower right", fontsize=8)
     for i, d in enumerate(deltas):
         ax.text(d + (0.01 if d >= 0 else -0.01), i, f"{d:+.3f}", va="center", ha="left" if d >= 0 else "right",
                 fontsize=7)
     ax.set_xlabel(f"change in bits per character on the development play, Julius Caesar\n(base: "
                   f"{base['dev_bpc']:.3f} bits per character in {base['steps']} steps; left of zero is better)")
-    ax.set_title(f"Variants of the base recipe, each trained for the same budget ({base['budget']})\n"
+    budget = base["budget"].replace(" min wall x ", " minutes of wall-clock time, ").replace(" thr", " threads")
+    ax.set_title(f"Variants of the base recipe, each trained for the same budget ({budget})\n"
                  f"base: {BASE}", fontsize=9)
     ax.set_xlim(min(deltas + [0]) - 0.16, max(deltas) + 0.14)
     ax.grid(axis="x", alpha=0.3)
