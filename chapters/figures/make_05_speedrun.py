@@ -30,6 +30,8 @@ LABELS = {
     "vocab8192": "vocabulary 8,192",
     "untied": "untied output layer",
     "cosine": "cosine, not WSD",
+    "warmup10": "warm-up 10% of the budget, not 2%",
+    "decay20": "decay over the last 20%, not 40%",
     "lr5e-4": "learning rate 5e-4",
     "lr1e-3": "learning rate 1e-3",
     "lr4e-3": "learning rate 4e-3",
