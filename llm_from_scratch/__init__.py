@@ -78,7 +78,7 @@ from llm_from_scratch.instruct import (
     train_sft,
 )
 from llm_from_scratch.linear import Linear
-from llm_from_scratch.lora import LoRALinear, apply_lora, merge_lora
+from llm_from_scratch.lora import LoRAEmbedding, LoRALinear, apply_lora, merge_lora
 from llm_from_scratch.loss import cross_entropy
 from llm_from_scratch.metrics import TextStats, text_stats
 from llm_from_scratch.model import GPT, GPTConfig, count_parameters, estimate_flops_per_token
@@ -173,6 +173,7 @@ __all__ = [
     "top_k_filter",
     "top_p_filter",
     # lora
+    "LoRAEmbedding",
     "LoRALinear",
     "apply_lora",
     "merge_lora",

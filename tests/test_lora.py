@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from llm_from_scratch.linear import Linear
 from llm_from_scratch.lora import (
+    GPT_EMBEDDING,
     GPT_TARGETS,
+    LoRAEmbedding,
     LoRALinear,
     apply_lora,
     count_lora_parameters,
@@ -93,8 +95,54 @@ def test_bad_inputs():
             apply_lora(model, r=r, alpha=8)
     with pytest.raises(ValueError, match="alpha"):
         apply_lora(model, r=4, alpha=0)
-    with pytest.raises(TypeError, match="not a linear layer"):
+    with pytest.raises(TypeError, match="neither a linear layer nor an embedding table"):
         apply_lora(model, ["ln_1"], r=4, alpha=8)
     apply_lora(model, r=2, alpha=4)
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         apply_lora(model, r=2, alpha=4)
+
+
+def test_embedding_adapter_against_the_formula():
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(11, 6)
+    layer = LoRAEmbedding.from_embedding(table, r=3, alpha=6)
+    assert torch.count_nonzero(layer.lora_A) == 0 and layer.weight is table.weight  # starts as a no-op, shared
+    idx = torch.tensor([[0, 4, 4, 10], [3, 2, 1, 0]])
+    assert torch.equal(layer(idx), table(idx))
+    torch.nn.init.normal_(layer.lora_A)
+    w, a, b = (t.detach().double() for t in (table.weight, layer.lora_A, layer.lora_B))
+    one_hot = F.one_hot(idx, 11).double()  # (2, 4, 11): a lookup is a product with a one-hot row
+    expected = one_hot @ w + (6 / 3) * (one_hot @ a.T) @ b.T  # x W + (alpha / r) (x A^T) B^T, in float64
+    assert torch.allclose(layer(idx).double(), expected, atol=1e-5)
+    assert torch.allclose(layer.merged()(idx), layer(idx), atol=1e-6)
+
+
+def test_embedding_adapter_in_a_gpt_trains_alone_and_merges():
+    model = tiny_gpt()
+    x = tokens()
+    before = model(x)
+    names = apply_lora(model, GPT_TARGETS + GPT_EMBEDDING, r=2, alpha=4)
+    assert names[-1] == "transformer.wte" and isinstance(model.transformer.wte, LoRAEmbedding)
+    assert torch.equal(model(x), before)  # A = 0 in the table's adapter, B = 0 in the linear ones
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == (
+        count_lora_parameters([(32, 96), (32, 32), (32, 128), (128, 32)] * 2 + [(50, 32)], 2))
+    for p in lora_parameters(model):
+        torch.nn.init.normal_(p, std=0.1)
+    _, loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert {"transformer.wte.lora_A", "transformer.wte.lora_B"} <= with_grad
+    assert all(".lora_" in n for n in with_grad)
+    adapted = model(x)
+    merge_lora(model)
+    assert type(model.transformer.wte) is torch.nn.Embedding
+    assert torch.allclose(model(x), adapted, atol=1e-5)
+
+
+def test_embedding_adapter_bad_inputs():
+    with pytest.raises(TypeError, match="expected an Embedding"):
+        LoRAEmbedding.from_embedding(Linear(3, 4), r=2, alpha=4)
+    with pytest.raises(ValueError, match="plain tables only"):
+        LoRAEmbedding.from_embedding(torch.nn.Embedding(5, 3, padding_idx=0), r=2, alpha=4)
+    with pytest.raises(ValueError, match="rank r must be a positive int"):
+        LoRAEmbedding(5, 3, r=0, alpha=4)
