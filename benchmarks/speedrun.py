@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from llm_from_scratch.generate import generate
+from llm_from_scratch.generate import generate_text
 from llm_from_scratch.speedrun import PREVIOUS_RECIPE, RECIPE, Budget, Recipe, cpu_supports_bf16, run_recipe
 
 
@@ -38,11 +38,7 @@ def char_recipe(recipe: Recipe) -> Recipe:
 
 
 def sample(result, prompt: str, n_tokens: int, seed: int = 0) -> str:
-    ids = result.tokenizer.encode(prompt)
-    device = next(result.model.parameters()).device
-    out = generate(result.model, torch.tensor([ids], device=device), n_tokens, temperature=0.8, top_k=50,
-                   generator=torch.Generator().manual_seed(seed))
-    return result.tokenizer.decode(out[0].tolist())
+    return generate_text(result.model, result.tokenizer, prompt, n_tokens, temperature=0.8, top_k=50, seed=seed)
 
 
 def main() -> None:

@@ -57,6 +57,7 @@ from llm_from_scratch.finetune import (
     genre_split,
 )
 from llm_from_scratch.generate import (
+    generate_text,
     load_model,
     pad_prompts,
     sample_next_token,
@@ -166,6 +167,7 @@ __all__ = [
     "evaluate",
     "lr_at",
     # generate (generate.generate stays under its module, like train.train)
+    "generate_text",
     "load_model",
     "pad_prompts",
     "sample_next_token",

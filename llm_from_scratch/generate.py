@@ -374,6 +374,34 @@ def generate(
     return out[0] if squeeze else out
 
 
+def generate_text(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+) -> str:
+    """``prompt`` continued by up to ``max_new_tokens`` tokens, as text: encode, ``generate``, decode.
+
+    ``tokenizer``: anything with ``encode(str) -> list[int]`` and ``decode(list[int]) -> str``
+    (the course BPE, tiktoken, ``CharTokenizer``). ``seed``: sample with a CPU
+    ``torch.Generator`` seeded with it (the same text every time). The prompt is part of the
+    returned text.
+    """
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+    ids = tokenizer.encode(prompt)
+    device = next(model.parameters()).device
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    out = generate(model, torch.tensor([ids], device=device), max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, generator=generator)
+    return tokenizer.decode(out[0].tolist())
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints and the command line
 # --------------------------------------------------------------------------------------------

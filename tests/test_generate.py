@@ -18,6 +18,7 @@ import torch
 from llm_from_scratch.generate import (
     add_generate_parser,
     generate,
+    generate_text,
     load_model,
     pad_prompts,
     sample_next_token,
@@ -396,3 +397,19 @@ def test_sample_next_token_names_bad_logits():
         sample_next_token(logits)
     masked = torch.tensor([[0.0, float("-inf"), 1.0]])  # -inf alone is a token never chosen: fine
     assert sample_next_token(masked, temperature=0).item() == 2
+
+
+def test_generate_text_is_prompt_plus_the_greedy_continuation():
+    from llm_from_scratch.data import CharTokenizer
+
+    text = "".join(chr(32 + i) for i in range(VOCAB))  # 97 printable characters: one id each
+    tokenizer = CharTokenizer.from_text(text)
+    model = _model()
+    prompt = "To be, or"
+    expected, _ = _reference_greedy(model, torch.tensor([tokenizer.encode(prompt)]), 12)
+    got = generate_text(model, tokenizer, prompt, 12, temperature=0)
+    assert got == tokenizer.decode(expected[0].tolist()) and got.startswith(prompt) and len(got) == len(prompt) + 12
+    sampled = [generate_text(model, tokenizer, prompt, 12, temperature=0.8, top_k=50, seed=3) for _ in range(2)]
+    assert sampled[0] == sampled[1]  # seeded: the same text every time
+    with pytest.raises(ValueError, match="prompt must be a non-empty string"):
+        generate_text(model, tokenizer, "", 5)
