@@ -155,7 +155,7 @@ def _play_lines(play: str) -> list[str]:
     return spoken_lines(read_text_file(files[play]))
 
 
-def play_passages(play: str, *, lines_per_passage: int = 4, max_passages: int | None = None) -> list[str]:
+def play_passages(play: str, *, lines_per_passage: int = 8, max_passages: int | None = None) -> list[str]:
     """Passages of ``lines_per_passage`` consecutive spoken lines of ``play`` (a file stem).
 
     With ``max_passages``, that many passages evenly spaced through the play (the same ones
@@ -223,8 +223,8 @@ class LabelledTexts:
         return [self.labels.count(k) for k in range(len(self.classes))]
 
 
-def genre_dataset(plays: Sequence[str], tokenizer: BPETokenizer, *, lines_per_passage: int = 4,
-                  passages_per_play: int | None = 100, max_tokens: int = 64) -> LabelledTexts:
+def genre_dataset(plays: Sequence[str], tokenizer: BPETokenizer, *, lines_per_passage: int = 8,
+                  passages_per_play: int | None = 60, max_tokens: int = 128) -> LabelledTexts:
     """Passages of ``plays`` labelled with their genre (``GENRES``), tokenized and truncated."""
     texts, labels, groups = [], [], []
     for play in plays:
@@ -467,13 +467,13 @@ class FinetuneConfig:
     batches are drawn without replacement, epoch after epoch, from a generator seeded with ``seed``.
     """
 
-    max_steps: int = 100
+    max_steps: int = 200
     batch_size: int = 32
     max_lr: float = 1e-3
-    warmup_steps: int = 10
+    warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
-    eval_interval: int = 25
+    eval_interval: int = 40
     seed: int = 0
     device: str = "cpu"
 
@@ -586,7 +586,7 @@ def continue_pretraining(gpt: GPT, plays: Sequence[str], tokenizer: BPETokenizer
                          device: str = "cpu") -> list[dict]:
     """More next-token training of ``gpt`` (in place) on the spoken lines of ``plays``; returns the history.
 
-    Domain-adaptive pre-training (ULMFiT's second stage; Gururangan et al. 2020): before a
+    Task-adaptive pre-training (ULMFiT's second stage; Gururangan et al. 2020): before a
     classifier is fine-tuned, its language model reads the text of the task, without the
     labels. Pass the training plays only, so that the held-out plays stay unseen. The package
     trainer (``train.train``): AdamW, ``min(10, max_steps)`` warm-up steps, cosine decay to
