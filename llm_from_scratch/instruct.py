@@ -7,7 +7,9 @@ Explained in the chapter "Following instructions" (chapters/10_instructions.ipyn
   new embedding rows (``resize_token_embeddings``);
 * the data: ``play_speeches`` reads the speeches of a play, ``shakespeare_instructions`` turns
   them into instruction/response pairs whose answers a program can check (who speaks, which
-  play), ``split_by_item`` splits them by speech so no speech is in two splits;
+  play), ``python_instructions`` adds general-purpose ones from the docstrings of Python's
+  standard library (which module defines a function, what it does), ``split_by_item`` splits
+  them by source item so no item is in two splits;
 * ``encode_example`` / ``InstructionDataset``: token ids and labels with the prompt masked
   (``-100``: the loss is on the response only), ``collate`` (padding) and ``length_batches``
   (batches of similar lengths);
@@ -199,6 +201,51 @@ def shakespeare_instructions(
             examples.append(Example(f"Which play is this from?\n{text}", title, "play", item, titles))
             examples.append(Example(f"Who speaks these lines in {title}?\n{text}", speech.speaker, "speaker",
                                     item, tuple(top)))
+    return examples
+
+
+#: Modules of Python's standard library whose functions give ``python_instructions``.
+PYTHON_MODULES = ("base64", "bisect", "difflib", "fnmatch", "functools", "glob", "heapq", "json", "math", "os.path",
+                  "re", "shutil", "statistics", "textwrap", "zlib")
+
+
+def python_instructions(modules: Sequence[str] = PYTHON_MODULES, *, max_words: int = 20) -> list[Example]:
+    """General-purpose instructions from the docstrings of Python's standard library: offline, checkable.
+
+    The interpreter that runs the course ships them (Python Software Foundation License). For
+    each public function defined in one of ``modules`` (re-exports skipped) whose docstring
+    starts with a summary of at most ``max_words`` words, two examples: "In which module of
+    Python's standard library is the function ``name`` defined?" -> the module (task
+    ``"module"``, the choices being ``modules``) and "What does the Python function
+    ``module.name`` do?" -> the summary, its first paragraph on one line (task ``"docstring"``).
+    The item is ``"python:module.name"``. The texts depend on the Python version (3.11 here);
+    sorted by module and name, they are the same on every run of one version.
+    """
+    import importlib
+    import inspect
+
+    if isinstance(modules, str) or not modules:
+        raise ValueError(f"modules must be a non-empty list of module names, got {modules!r}")
+    examples = []
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            raise ValueError(f"no module {name!r} in this Python's standard library") from None
+        for attr, obj in sorted(vars(module).items()):
+            if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isbuiltin(obj)):
+                continue
+            if (getattr(obj, "__module__", None) or "").lstrip("_") != module.__name__.lstrip("_"):
+                continue  # imported from elsewhere (statistics.bisect_left is bisect's)
+            doc = inspect.getdoc(obj) or ""
+            summary = " ".join(doc.split("\n\n")[0].split())
+            if not summary or len(summary.split()) > max_words or "(" in summary.split()[0]:
+                continue  # no summary, a long one, or a signature line instead of a sentence
+            item = f"python:{name}.{attr}"
+            examples.append(Example(f"In which module of Python's standard library is the function {attr} defined?",
+                                    name, "module", item, tuple(modules)))
+            examples.append(Example(f"What does the Python function {name}.{attr} do?", summary, "docstring", item,
+                                    ()))
     return examples
 
 

@@ -29,6 +29,7 @@ from llm_from_scratch.instruct import (
     load_chat_model,
     parse_response,
     play_speeches,
+    python_instructions,
     resize_token_embeddings,
     save_chat_model,
     sft_loss,
@@ -228,3 +229,29 @@ def test_a_checkpoint_without_the_template_is_refused(tmp_path):
         save_chat_model(tmp_path / "x", model, tokenizer)
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         load_chat_model(tmp_path / "nothing")
+
+
+def test_python_instructions_come_from_the_standard_library():
+    import math
+    import statistics
+
+    examples = python_instructions(["math", "statistics"])
+    by_question = {e.instruction: e for e in examples}
+    where = by_question["In which module of Python's standard library is the function sqrt defined?"]
+    assert where.response == "math" and where.task == "module" and where.choices == ("math", "statistics")
+    what = by_question["What does the Python function math.sqrt do?"]
+    assert what.response == math.sqrt.__doc__.strip().splitlines()[0] == "Return the square root of x."
+    assert what.item == where.item == "python:math.sqrt"
+    # statistics imports bisect_left from bisect: a re-export is not a statistics function
+    assert hasattr(statistics, "bisect_left")
+    assert "python:statistics.bisect_left" not in {e.item for e in examples}
+    assert "python:statistics.median" in {e.item for e in examples}
+    items = [e.item for e in examples]
+    assert all(items.count(i) == 2 for i in items)  # two questions per function
+    train, test = split_by_item(examples, 0.25, seed=0)
+    assert {e.item for e in train}.isdisjoint({e.item for e in test})
+    assert all(len(e.response.split()) <= 20 and "\n" not in e.response for e in examples)
+    with pytest.raises(ValueError, match="non-empty list of module names"):
+        python_instructions("math")
+    with pytest.raises(ValueError, match="no module 'not_a_module'"):
+        python_instructions(["not_a_module"])
