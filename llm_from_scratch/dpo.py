@@ -7,13 +7,18 @@ over the rejected one (Rafailov et al., 2023)::
 
     loss = -log sigmoid(beta * ((log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x))))
 
+With ``nll_weight`` > 0 the step adds that multiple of the chosen responses' negative
+log-likelihood per token (DPO + NLL, as in Pang et al., 2024, "Iterative reasoning preference
+optimization"): plain DPO can lower the probability of the chosen answer too, as long as the
+rejected one falls faster, and the term holds it up.
+
 This module holds ``response_logprobs`` (the summed log-probability of the response tokens),
 ``dpo_loss`` (the formula above, with the implicit rewards), ``preference_pairs`` (a wrong
-answer of the same task as the rejected response), ``PreferenceDataset`` / ``collate_pairs``,
-``dpo_step`` and ``train_dpo``.
+answer of the same task as the rejected response) and ``on_policy_pairs`` (the model's own wrong
+answer where it has one), ``PreferenceDataset`` / ``collate_pairs``, ``dpo_step`` and ``train_dpo``.
 
-What it does not do: sample responses from the policy and rank them (on-policy preference
-data), a reward model, or PPO. It builds on ``instruct.py`` (template, masked labels).
+What it does not do: sample several responses from the policy and rank them with a judge, a
+reward model, or PPO. It builds on ``instruct.py`` (template, masked labels).
 """
 
 from __future__ import annotations
@@ -85,6 +90,20 @@ def preference_pairs(examples: Sequence[Example], *, seed: int = 0) -> list[Pref
     return pairs
 
 
+def on_policy_pairs(examples: Sequence[Example], answers: Sequence[str], *, seed: int = 0) -> list[PreferencePair]:
+    """Pairs whose rejected response is the model's own wrong answer (``answers[i]`` to ``examples[i]``).
+
+    Where the answer is right or empty, the rejected response is another valid answer drawn at
+    random, as in ``preference_pairs`` (same ``seed``, same draws).
+    """
+    if len(answers) != len(examples):
+        raise ValueError(f"need one answer per example, got {len(answers)} answers for {len(examples)} examples")
+    fallback = preference_pairs(examples, seed=seed)
+    return [PreferencePair(e.instruction, e.response, a.strip(), e.item)
+            if a.strip() and a.strip() != e.response.strip() else p
+            for e, a, p in zip(examples, answers, fallback, strict=True)]
+
+
 class PreferenceDataset(torch.utils.data.Dataset):
     """Encoded pairs: item ``i`` is ``(chosen_ids, chosen_labels, rejected_ids, rejected_labels)``."""
 
@@ -119,24 +138,30 @@ def collate_pairs(batch: Sequence[tuple[Tensor, ...]], pad_id: int) -> tuple[Ten
 
 def dpo_step(
     policy: GPT, reference: GPT, inputs: Tensor, labels: Tensor, optimizer: torch.optim.Optimizer, *,
-    beta: float, grad_clip: float = 1.0,
+    beta: float, nll_weight: float = 0.0, grad_clip: float = 1.0,
 ) -> dict:
-    """One optimizer step on a batch from ``collate_pairs``; returns the loss, rewards, margin and accuracy.
+    """One optimizer step on a batch from ``collate_pairs``; returns the losses, rewards, margin and accuracy.
 
-    The reference is scored without gradients, so only the policy's parameters change.
+    The minimised loss is ``dpo_loss + nll_weight * nll``, ``nll`` being the chosen responses'
+    mean negative log-likelihood per token. The reference is scored without gradients, so only
+    the policy's parameters change.
     """
+    if not nll_weight >= 0:
+        raise ValueError(f"nll_weight must be >= 0, got {nll_weight!r}")
     half = inputs.size(0) // 2
     policy_logps = response_logprobs(policy, inputs, labels)
     with torch.no_grad():
         ref_logps = response_logprobs(reference, inputs, labels)
     loss, chosen, rejected = dpo_loss(policy_logps[:half], policy_logps[half:], ref_logps[:half], ref_logps[half:],
                                       beta=beta)
+    nll = -policy_logps[:half].sum() / (labels[:half] != IGNORE_INDEX).sum()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss + nll_weight * nll if nll_weight else loss).backward()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
     optimizer.step()
-    return {"loss": loss.item(), "chosen_reward": float(chosen.mean()), "rejected_reward": float(rejected.mean()),
-            "margin": float((chosen - rejected).mean()), "accuracy": float((chosen > rejected).float().mean())}
+    return {"loss": loss.item(), "nll": nll.item(), "chosen_reward": float(chosen.mean()),
+            "rejected_reward": float(rejected.mean()), "margin": float((chosen - rejected).mean()),
+            "accuracy": float((chosen > rejected).float().mean())}
 
 
 def frozen_copy(model: GPT) -> GPT:
@@ -159,9 +184,11 @@ def train_dpo(
     seed: int = 0,
     pad_id: int,
     reference: GPT | None = None,
+    nll_weight: float = 0.0,
 ) -> list[dict]:
     """DPO on ``dataset``: ``policy`` is trained in place against ``reference`` (default: a frozen copy of it).
 
+    ``nll_weight`` > 0 adds the chosen responses' negative log-likelihood (``dpo_step``).
     Returns the history, one row per step (``dpo_step``'s numbers and ``"step"``).
     """
     if steps < 1:
@@ -174,6 +201,7 @@ def train_dpo(
     for step, batch in scheduled_batches(dataset, optimizer, steps=steps, batch_size=batch_size, lr=lr,
                                          warmup_steps=warmup_steps, seed=seed):
         inputs, labels = collate_pairs(batch, pad_id)
-        history.append({"step": step + 1, **dpo_step(policy, reference, inputs, labels, optimizer, beta=beta)})
+        history.append({"step": step + 1, **dpo_step(policy, reference, inputs, labels, optimizer, beta=beta,
+                                                                 nll_weight=nll_weight)})
     policy.eval()
     return history

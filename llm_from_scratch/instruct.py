@@ -8,16 +8,17 @@ Explained in the chapter "Following instructions" (chapters/10_instructions.ipyn
 * the data: ``play_speeches`` reads the speeches of a play, ``shakespeare_instructions`` turns
   them into instruction/response pairs whose answers a program can check (who speaks, which
   play), ``python_instructions`` adds general-purpose ones from the docstrings of Python's
-  standard library (which module defines a function, what it does), ``split_by_item`` splits
-  them by source item so no item is in two splits;
+  standard library (which module defines a function, what it does), ``dolly_instructions``
+  reads the optional, downloaded Dolly 15k data set (``download_dolly``), ``split_by_item``
+  splits them by source item so no item is in two splits;
 * ``encode_example`` / ``InstructionDataset``: token ids and labels with the prompt masked
   (``-100``: the loss is on the response only), ``collate`` (padding) and ``length_batches``
   (batches of similar lengths);
 * ``train_sft`` (the loop), ``generate_answers`` (batched decoding that stops at ``<|end|>``),
   ``exact_match`` with its binomial standard error, ``save_chat_model`` / ``load_chat_model``.
 
-What it does not do: multi-turn training data, packing several examples into one window, or
-any data set that needs the network. It imports down the pipeline (bpe, model, train, generate);
+What it does not do: multi-turn training data, or packing several examples into one window.
+Nothing here touches the network except ``download_dolly``, which no test or default run calls. It imports down the pipeline (bpe, model, train, generate);
 ``dpo.py`` and ``chat.py`` build on it.
 """
 
@@ -37,7 +38,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from llm_from_scratch.bpe import BPETokenizer
-from llm_from_scratch.data import read_text_file, shakespeare_dir
+from llm_from_scratch.data import download, read_text_file, shakespeare_dir
 from llm_from_scratch.generate import generate, pad_prompts
 from llm_from_scratch.model import GPT, IGNORE_INDEX, next_token_loss
 from llm_from_scratch.train import CHECKPOINT_NAME, lr_at, save_checkpoint, tokenizer_fingerprint
@@ -246,6 +247,57 @@ def python_instructions(modules: Sequence[str] = PYTHON_MODULES, *, max_words: i
                                     name, "module", item, tuple(modules)))
             examples.append(Example(f"What does the Python function {name}.{attr} do?", summary, "docstring", item,
                                     ()))
+    return examples
+
+
+#: databricks-dolly-15k (Conover et al., 2023; CC BY-SA 3.0): 15,011 instruction/response pairs written by people,
+#: pinned to one revision of the Hugging Face hub and to its sha256 (13,085,339 bytes).
+DOLLY_URL = ("https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/"
+             "bdd27f4d94b9c1f951818a7da7fd7aeea5dbff1a/databricks-dolly-15k.jsonl")
+DOLLY_SHA256 = "2df9083338b4abd6bceb5635764dab5d833b393b55759dffb0959b6fcbf794ec"
+DOLLY_CATEGORIES = ("brainstorming", "classification", "closed_qa", "creative_writing", "general_qa",
+                    "information_extraction", "open_qa", "summarization")
+
+
+def download_dolly(cache_dir: str | Path | None = None) -> Path:
+    """Downloads Dolly 15k once (needs the network) and returns the cached file, its sha256 checked."""
+    return download(DOLLY_URL, sha256=DOLLY_SHA256, cache_dir=cache_dir)
+
+
+def dolly_instructions(path: str | Path, *, categories: Sequence[str] = ("open_qa", "general_qa", "brainstorming"),
+                       max_chars: int = 400) -> list[Example]:
+    """Examples from a Dolly 15k JSON Lines file (``download_dolly``): general-purpose, not checkable.
+
+    Each row has ``instruction``, ``context``, ``response`` and ``category``. Rows of the given
+    ``categories`` whose instruction (with its context, when there is one) and response hold at
+    most ``max_chars`` characters each become ``Example(instruction, response, task="dolly",
+    item="dolly:<row>", choices=())``. A malformed row raises ``ValueError`` naming its line.
+    """
+    unknown = sorted(set(categories) - set(DOLLY_CATEGORIES))
+    if isinstance(categories, str) or not categories or unknown:
+        raise ValueError(f"categories must be a non-empty list of {DOLLY_CATEGORIES}, got {categories!r}")
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {n}: not JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str)
+                                                    for k in ("instruction", "context", "response", "category")):
+                raise ValueError(f"{path}, line {n}: expected str fields instruction, context, response, category")
+            instruction = row["instruction"].strip()
+            if row["context"].strip():
+                instruction += "\n" + row["context"].strip()
+            response = row["response"].strip()
+            if row["category"] not in categories or not instruction or not response \
+                    or len(instruction) > max_chars or len(response) > max_chars:
+                continue
+            examples.append(Example(instruction, response, "dolly", f"dolly:{n}", ()))
     return examples
 
 

@@ -6,6 +6,7 @@ References: the DPO formula evaluated here with ``math`` on hand-picked log-prob
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -18,6 +19,7 @@ from llm_from_scratch.dpo import (
     dpo_loss,
     dpo_step,
     frozen_copy,
+    on_policy_pairs,
     preference_pairs,
     response_logprobs,
     train_dpo,
@@ -112,3 +114,42 @@ def test_pairs_and_their_errors():
         PreferenceDataset([PreferencePair("Who?", "VIOLA", "VIOLA", "x")], tokenizer, context_length=64)
     with pytest.raises(ValueError, match="rejected response is empty"):
         PreferenceDataset([PreferencePair("Who?", "VIOLA", " ", "x")], tokenizer, context_length=64)
+
+
+def test_nll_term_adds_the_chosen_negative_log_likelihood_per_token():
+    """The step minimises dpo_loss + w * (-sum log p(chosen tokens) / number of chosen tokens)."""
+    policy, tokenizer = tiny_chat_model()
+    reference = frozen_copy(policy)
+    _, (inputs, labels) = _batch(tokenizer)
+    # Reference: log_softmax gathered by hand (float64) over the chosen rows' labelled positions.
+    logp = torch.log_softmax(policy(inputs[:3]).double(), dim=-1)
+    mask = labels[:3] != -100
+    picked = logp.gather(2, labels[:3].clamp(min=0)[..., None])[..., 0]
+    nll = -(picked * mask).sum() / mask.sum()
+    nll.backward()
+    nll_grad = policy.lm_head.weight.grad.clone()
+    grads = {}
+    for weight in (0.0, 0.5):
+        model = copy.deepcopy(policy)
+        model.zero_grad(set_to_none=True)
+        stats = dpo_step(model, reference, inputs, labels, torch.optim.SGD(model.parameters(), lr=0.0), beta=0.1,
+                         nll_weight=weight, grad_clip=math.inf)
+        assert stats["nll"] == pytest.approx(nll.item(), rel=1e-5)
+        grads[weight] = model.lm_head.weight.grad
+    assert torch.allclose(grads[0.5] - grads[0.0], 0.5 * nll_grad.float(), atol=1e-6)
+    assert not torch.allclose(grads[0.5], grads[0.0])
+    with pytest.raises(ValueError, match="nll_weight"):
+        dpo_step(policy, reference, inputs, labels, torch.optim.SGD(policy.parameters(), lr=0.0), beta=0.1,
+                 nll_weight=-1.0)
+
+
+def test_on_policy_pairs_reject_the_models_own_wrong_answer():
+    examples = [Example("Who?", "VIOLA", "speaker", str(i), ("VIOLA", "OLIVIA", "CLOWN", "MARIA")) for i in range(4)]
+    answers = ["OLIVIA", "VIOLA", "", "SIR TOBY BELCH"]
+    pairs = on_policy_pairs(examples, answers, seed=1)
+    random_pairs = preference_pairs(examples, seed=1)
+    assert pairs[0].rejected == "OLIVIA" and pairs[3].rejected == "SIR TOBY BELCH"  # its own wrong answers
+    assert pairs[1] == random_pairs[1] and pairs[2] == random_pairs[2]  # right or empty: a random wrong choice
+    assert all(p.chosen == "VIOLA" != p.rejected for p in pairs)
+    with pytest.raises(ValueError, match="one answer per example"):
+        on_policy_pairs(examples, answers[:2])

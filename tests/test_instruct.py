@@ -255,3 +255,37 @@ def test_python_instructions_come_from_the_standard_library():
         python_instructions("math")
     with pytest.raises(ValueError, match="no module 'not_a_module'"):
         python_instructions(["not_a_module"])
+
+
+def test_dolly_instructions_read_the_jsonl_rows(tmp_path):
+    import json
+
+    from llm_from_scratch.instruct import DOLLY_SHA256, DOLLY_URL, dolly_instructions
+
+    rows = [
+        {"instruction": "Name three colours.", "context": "", "response": "Red, green and blue.",
+         "category": "brainstorming"},
+        {"instruction": "Who wrote it?", "context": "Twelfth Night is a comedy by Shakespeare.",
+         "response": "Shakespeare.", "category": "closed_qa"},
+        {"instruction": "Why is the sky blue?", "context": "", "response": "x" * 500, "category": "open_qa"},
+        {"instruction": "What is a sonnet?", "context": "", "response": "A poem of fourteen lines.",
+         "category": "open_qa"},
+    ]
+    path = tmp_path / "dolly.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    examples = dolly_instructions(path)  # default categories: open_qa, general_qa, brainstorming
+    assert [(e.instruction, e.response, e.item) for e in examples] == [
+        ("Name three colours.", "Red, green and blue.", "dolly:1"), ("What is a sonnet?", "A poem of fourteen lines.",
+                                                                     "dolly:4")]  # row 3's answer is too long
+    closed = dolly_instructions(path, categories=["closed_qa"])
+    assert closed[0].instruction == "Who wrote it?\nTwelfth Night is a comedy by Shakespeare."
+    assert all(e.task == "dolly" and e.choices == () for e in examples + closed)
+    assert DOLLY_URL.endswith("databricks-dolly-15k.jsonl") and len(DOLLY_SHA256) == 64
+    with pytest.raises(ValueError, match="categories"):
+        dolly_instructions(path, categories=["poetry"])
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"instruction": "Hi"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2: expected str fields"):
+        dolly_instructions(path)
+    path.write_text("{not json\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 1: not JSON"):
+        dolly_instructions(path)
