@@ -33,6 +33,10 @@
 namespace {
 
 constexpr int64_t kMaxRows = 8;  // token vectors per pass over a weight row (more: several passes)
+// Ask for the weights this far ahead of the ones being multiplied: one core's hardware prefetcher
+// alone keeps too few reads in flight (without it: 7.5 GB/s of int8 weights on one core of the
+// course's machine, with it 15-21, a plain torch sum reads 21; benchmarks/RESULTS.md).
+constexpr int64_t kPrefetchBytes = 8192;
 
 inline float half_to_float(const at::Half h) { return static_cast<float>(h); }
 
@@ -47,7 +51,8 @@ inline __m512 load_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-// R weight rows times M vectors: R * M accumulators, so that enough FMA chains run side by side.
+// R weight rows times M vectors: R * M accumulators, so that enough FMA chains run side by side
+// and each load of x serves R rows.
 template <int R, int M>
 void int8_rows(const int8_t* q, const at::Half* s, const float* x, float* y, const float* b, int64_t n, int64_t N,
                int64_t K, int64_t G, int64_t x_stride) {
@@ -57,7 +62,10 @@ void int8_rows(const int8_t* q, const at::Half* s, const float* x, float* y, con
   const int64_t groups = K / G;
   for (int64_t g = 0; g < groups; ++g) {
     __m512 scale[R];
-    for (int r = 0; r < R; ++r) scale[r] = _mm512_set1_ps(half_to_float(s[(n + r) * groups + g]));
+    for (int r = 0; r < R; ++r) {
+      scale[r] = _mm512_set1_ps(half_to_float(s[(n + r) * groups + g]));
+      _mm_prefetch(reinterpret_cast<const char*>(q + (n + r) * K + g * G) + kPrefetchBytes, _MM_HINT_T0);
+    }
     for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
       for (int r = 0; r < R; ++r) {
         const __m512 w = _mm512_mul_ps(load_int8(q + (n + r) * K + k), scale[r]);  // q * s: exact in float32
@@ -76,6 +84,7 @@ void bf16_rows(const uint16_t* w16, const float* x, float* y, const float* b, in
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
     for (int r = 0; r < R; ++r) {
+      if (k % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(w16 + (n + r) * K + k) + kPrefetchBytes, _MM_HINT_T0);
       const __m512 w = load_bf16(w16 + (n + r) * K + k);
       for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * x_stride + k), acc[r][m]);
     }
@@ -88,7 +97,7 @@ void bf16_rows(const uint16_t* w16, const float* x, float* y, const float* b, in
 template <int M>
 void int8_block(const int8_t* q, const at::Half* s, const float* x, float* y, const float* b, int64_t n0, int64_t n1, int64_t N,
                 int64_t K, int64_t G, int64_t x_stride) {
-  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+  constexpr int R = M <= 4 ? 4 : 2;  // at most 16 accumulators (of 32 registers)
   int64_t n = n0;
   for (; n + R <= n1; n += R) int8_rows<R, M>(q, s, x, y, b, n, N, K, G, x_stride);
   for (; n < n1; ++n) int8_rows<1, M>(q, s, x, y, b, n, N, K, G, x_stride);
@@ -97,7 +106,7 @@ void int8_block(const int8_t* q, const at::Half* s, const float* x, float* y, co
 template <int M>
 void bf16_block(const uint16_t* w, const float* x, float* y, const float* b, int64_t n0, int64_t n1, int64_t N, int64_t K,
                 int64_t x_stride) {
-  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+  constexpr int R = M <= 4 ? 4 : 2;
   int64_t n = n0;
   for (; n + R <= n1; n += R) bf16_rows<R, M>(w, x, y, b, n, N, K, x_stride);
   for (; n < n1; ++n) bf16_rows<1, M>(w, x, y, b, n, N, K, x_stride);
