@@ -335,7 +335,14 @@ def test_generate_command_quantizes(tmp_path):
     model = _model(vocab_size=tokenizer.vocab_size)
     save_checkpoint(tmp_path / "checkpoint.safetensors", model)
     quantized = quantize_model(model, "int8")
-    save_quantized(quantized, tmp_path / "int8.safetensors")
+    from llm_from_scratch.__main__ import main
+
+    with redirect_stdout(io.StringIO()):  # python -m llm_from_scratch quantize: the same file as save_quantized
+        assert main(["quantize", "--checkpoint", str(tmp_path), "--dtype", "int8", "--out",
+                     str(tmp_path / "int8.safetensors")]) == 0
+    written, _ = load_quantized(tmp_path / "int8.safetensors")
+    for name, value in quantized.state_dict().items():
+        assert torch.equal(written.state_dict()[name], value), name
     parser = argparse.ArgumentParser()
     add_generate_parser(parser.add_subparsers(dest="command"))
 
@@ -390,3 +397,20 @@ def test_bad_input_errors():
         lora_model = _model()
         apply_lora(lora_model, r=2, alpha=4)
         quantize_model(lora_model, "int8")
+
+
+def test_chat_command_quantizes(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from llm_from_scratch import chat
+    from llm_from_scratch.__main__ import main
+    from llm_from_scratch.instruct import save_chat_model
+    from tests.test_instruct import tiny_chat_model
+
+    model, tokenizer = tiny_chat_model()
+    save_chat_model(tmp_path / "run", model, tokenizer)
+    sessions = []
+    monkeypatch.setattr(chat, "run_terminal", lambda session, *a, **k: sessions.append(session) or 0)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert main(["chat", str(tmp_path / "run"), "--quantize", "bf16"]) == 0
+    assert isinstance(sessions[0].model.lm_head, BF16Linear)
