@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/generate.py [--new-tokens 512] [--no-cache-tokens 64] [--prompt-length 16]
                                             [--preset gpt2_small] [--threads 0] [--repeats 3]
+                                            [--formats fp32,bf16,int8] [--batch-sizes 1,8] [--formats-only]
 
 A GPT-2-small-sized model with random weights (seeded) is built with our ``GPT`` and the same weights are loaded
 into ``transformers.GPT2LMHeadModel`` (through HF's own GPT-2 state-dict layout, the inverse of
@@ -25,6 +26,18 @@ uncached run is then *estimated*: one uncached step (a forward pass over the who
 ``--grid`` evenly spaced sequence lengths from the first step's to the last one's, interpolated linearly for every
 step and summed. The table shows that estimate next to the measured N-token run and the estimate for those N tokens
 (a check of the estimate). ``--no-cache-tokens`` equal to ``--new-tokens`` times the whole uncached run instead.
+
+Weight formats and the roofline (``--formats fp32,bf16,int8``, ``--batch-sizes 1,8``; ``--formats-only`` skips the
+comparisons above): the same model as it is (float32) and through ``quantize.quantize_model`` (bfloat16; int8 with
+scales per 32 weights), each generating ``--new-tokens`` greedy tokens with the cache at every batch size (a batch
+repeats the prompt with different random tokens). The rows are timed in ``--repeats`` rounds, the order rotating
+every round; medians. The machine's read bandwidth is measured in the same run, before and after the rows (a torch
+sum over 1 GiB of float32 on the same threads, best of 5), and each row's *roofline* is what that bandwidth allows
+if a step did nothing but read its bytes once: every weight matrix in its format (biases, layer norms and the looked-up
+embedding rows are under 0.2% and left out) plus the key/value cache the step attends over, averaged over the run.
+A batch reads the weights once per step for all its rows, so its roofline in tokens/s is
+``B * bandwidth / (weights + B * cache)``. The column "of roofline" is tokens/s / roofline. The quantized kernels
+are built (or loaded from the cache) before the timed runs.
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ import torch
 
 from llm_from_scratch.generate import generate
 from llm_from_scratch.model import GPT, GPTConfig
+from llm_from_scratch.quantize import BF16Linear, Int8Linear, kernels, quantize_model
 
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -80,6 +94,90 @@ def _pairs(ours, reference, repeats: int) -> tuple[list[float], list[float], tor
     return times[ours], times[reference], outputs[ours], outputs[reference]
 
 
+def read_bandwidth(repeats: int = 5) -> float:
+    """Bytes per second a torch sum reads from a 1 GiB float32 tensor (best of ``repeats``), on torch's threads."""
+    x = torch.ones(2**28)
+    x.sum()
+    best = min(_timed(x.sum)[0] for _ in range(repeats))
+    return x.numel() * x.element_size() / best
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weight matrices one decode step reads, each in its own format (int8: with its scales)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            total += module.qweight.numel() + module.scales.numel() * module.scales.element_size()
+        elif isinstance(module, BF16Linear):
+            total += module.weight.numel() * 2
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def cache_bytes(config: GPTConfig, prompt_length: int, new_tokens: int) -> float:
+    """Key/value cache bytes one row's decode step reads, averaged over the run (float32 keys and values)."""
+    mean_length = prompt_length + (new_tokens - 1) / 2
+    return 2 * config.n_layers * config.d_model * 4 * mean_length
+
+
+def formats_table(args, model: GPT) -> None:
+    """The weight formats against each other and against their rooflines (see the module docstring)."""
+    formats = [f for f in args.formats.split(",") if f]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    models = {"fp32": model}
+    for name in formats:
+        if name != "fp32":
+            models[name] = quantize_model(model, name)
+    if len(models) > 1 and kernels() is None:
+        print("note: the quantized kernel is not available; bf16/int8 rows run the reference (dequantize + F.linear)")
+    n_new = args.new_tokens
+    rows = []  # (format, batch size, prompt)
+    for batch in batch_sizes:
+        prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt_length),
+                               generator=torch.Generator().manual_seed(args.seed + batch))
+        rows += [(name, batch, prompt) for name in formats]
+    for name, _batch, prompt in rows:  # warm-up: kernels, allocator, thread pools
+        generate(models[name], prompt, 8, temperature=0.0)
+    bandwidth_before = read_bandwidth()
+    times: dict = {(name, batch): [] for name, batch, _ in rows}
+    outputs: dict = {}
+    load_before = os.getloadavg()
+    for r in range(max(1, args.repeats)):
+        order = rows[r % len(rows):] + rows[: r % len(rows)]  # rotate: no row always runs first
+        for name, batch, prompt in order:
+            t, outputs[name, batch] = _timed(lambda m=models[name], p=prompt: generate(m, p, n_new, temperature=0.0))
+            times[name, batch].append(t)
+    load_after = os.getloadavg()
+    bandwidth_after = read_bandwidth()
+    bandwidth = (bandwidth_before + bandwidth_after) / 2
+    kv = cache_bytes(model.config, args.prompt_length, n_new)
+    print()
+    print(f"weight formats: {args.preset}, greedy, prompt {args.prompt_length} tokens, {n_new} new tokens, "
+          f"KV cache; median of {max(1, args.repeats)} rotating rounds; {torch.get_num_threads()} threads")
+    print(f"read bandwidth (torch sum over 1 GiB): {bandwidth_before / 1e9:.1f} GB/s before, "
+          f"{bandwidth_after / 1e9:.1f} GB/s after the rows; rooflines use the mean, {bandwidth / 1e9:.1f} GB/s")
+    print(f"| {'format':<6} | {'batch':>5} | {'MB read/step':>12} | {'tokens/s':>9} | {'vs fp32':>7} | "
+          f"{'roofline tok/s':>14} | {'of roofline':>11} | {'same tokens as fp32':>19} |")
+    print(f"|{'-' * 8}|{'-' * 7}|{'-' * 14}|{'-' * 11}|{'-' * 9}|{'-' * 16}|{'-' * 13}|{'-' * 21}|")
+    for name, batch, _ in rows:
+        rate = batch * n_new / statistics.median(times[name, batch])
+        fp32_rate = batch * n_new / statistics.median(times["fp32", batch]) if ("fp32", batch) in times else None
+        step_bytes = weight_bytes(models[name]) + batch * kv
+        roofline = batch * bandwidth / step_bytes
+        out, ref = outputs[name, batch][:, args.prompt_length:], outputs.get(("fp32", batch))
+        if ref is None:
+            same = "-"
+        else:
+            agree = (out == ref[:, args.prompt_length:]).long().cumprod(dim=1).sum(dim=1)  # (B,): leading equal tokens
+            same = f"{int(agree.min())}/{n_new}" + ("" if batch == 1 else " (worst row)")
+        ratio = f"{rate / fp32_rate:.2f}x" if fp32_rate else "-"
+        print(f"| {name:<6} | {batch:>5} | {step_bytes / 1e6:>12.1f} | {rate:>9.1f} | {ratio:>7} | {roofline:>14.1f} | "
+              f"{rate / roofline:>10.0%} | {same:>19} |")
+    print(f"load average (1, 5, 15 min) before the rows: {', '.join(f'{x:.2f}' for x in load_before)}; "
+          f"after: {', '.join(f'{x:.2f}' for x in load_after)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=512)
@@ -92,6 +190,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed (HF, ours) pairs of the cached contenders, alternating order (median kept)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--formats", default="fp32,bf16,int8", help="weight formats of the roofline table")
+    parser.add_argument("--batch-sizes", default="1,8", help="batch sizes of the roofline table")
+    parser.add_argument("--formats-only", action="store_true",
+                        help="only the weight-format table (skip HF and the uncached run)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,6 +202,9 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     model = GPT(getattr(GPTConfig, args.preset)()).eval()
+    if args.formats_only:
+        formats_table(args, model)
+        return
     hf = to_hf(model)
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_length),
                            generator=torch.Generator().manual_seed(args.seed))
@@ -186,6 +291,8 @@ def main() -> None:
     load_after = os.getloadavg()
     print(f"load average (1, 5, 15 min) before the timed runs: {', '.join(f'{x:.2f}' for x in load_before)}; "
           f"after: {', '.join(f'{x:.2f}' for x in load_after)}")
+    if args.formats:
+        formats_table(args, model)
 
 
 if __name__ == "__main__":

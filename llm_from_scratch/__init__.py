@@ -9,6 +9,9 @@ Each module holds one concept of the pipeline, in the order the book builds it:
 first half and are never imported by it (``registry`` lists the first half's models; ``finetune``
 registers its classifier there when imported).
 
+``quantize`` (int8 and bfloat16 weights for fast decoding, chapter "Generating text") is in the
+second half too: only the command lines of ``generate`` and ``chat`` reach into it.
+
 ``instruct``, ``dpo`` and ``chat`` (the chapter "Following instructions": chat template, SFT,
 DPO, the chat loop of ``python -m llm_from_scratch chat`` / ``serve``) are in the second half of the
 book too, "Making it useful": they import the first half and are never imported by it.
@@ -94,6 +97,15 @@ from llm_from_scratch.modern import (
     apply_rope,
 )
 from llm_from_scratch.pretrained import PretrainSettings, pretrain, pretrained_model
+from llm_from_scratch.quantize import (
+    BF16Linear,
+    Int8Linear,
+    dequantize_int8,
+    load_quantized,
+    quantize_int8,
+    quantize_model,
+    save_quantized,
+)
 from llm_from_scratch.registry import MODEL_CLASSES, register_model
 from llm_from_scratch.train import (
     TrainConfig,
@@ -212,6 +224,14 @@ __all__ = [
     "MessageError",
     "build_prompt",
     "create_app",
+    # quantize
+    "BF16Linear",
+    "Int8Linear",
+    "dequantize_int8",
+    "load_quantized",
+    "quantize_int8",
+    "quantize_model",
+    "save_quantized",
     # modern
     "GroupedQueryAttention",
     "ModernConfig",

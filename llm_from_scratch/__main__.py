@@ -21,6 +21,8 @@ Commands (one function each, so that later chapters can add theirs, e.g. ``gener
 
       python -m llm_from_scratch finetune-classifier --base runs/tiny --out runs/genre --max-steps 150
       python -m llm_from_scratch classify runs/genre "Now is the winter of our discontent"
+* ``quantize``: a checkpoint's model with int8 or bfloat16 weights, in one file that ``generate``
+  reads (see ``quantize.add_quantize_parser``; ``generate --quantize int8`` quantizes on the fly).
 * ``chat`` / ``serve``: talk to an instruction-tuned model in the terminal or on a local web page
   (see ``chat.add_chat_parsers`` and the chapter "Following instructions").
 
@@ -246,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     from llm_from_scratch.chat import add_chat_parsers
 
     add_chat_parsers(subparsers)  # chat, serve
+    from llm_from_scratch.quantize import add_quantize_parser
+
+    add_quantize_parser(subparsers)
     return parser
 
 

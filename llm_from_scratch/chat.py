@@ -389,6 +389,10 @@ def _settings(args) -> ChatSettings:
 
 def _cmd_chat(args) -> int:
     model, tokenizer = load_chat_model(args.run_dir, args.device)
+    if args.quantize is not None:
+        from llm_from_scratch.quantize import quantize_model
+
+        model = quantize_model(model, args.quantize, inplace=True)  # same conversation, smaller weights
     return run_terminal(ChatSession(model, tokenizer, _settings(args)))
 
 
@@ -411,6 +415,8 @@ def add_chat_parsers(subparsers) -> None:
     p = subparsers.add_parser("chat", help="chat with an instruction-tuned model in the terminal",
                               description="Chat in the terminal: /reset forgets the conversation, /quit ends.")
     _add_sampling(p)
+    p.add_argument("--quantize", choices=("int8", "bf16"), default=None,
+                   help="answer with int8 (scales per 32 weights) or bfloat16 weights (see quantize.py)")
     p.set_defaults(func=_cmd_chat, parser=p)
     p = subparsers.add_parser("serve", help="a local web page to chat with an instruction-tuned model",
                               description="Serve a chat page that streams the model's answers (local only by default).")

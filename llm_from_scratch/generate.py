@@ -8,7 +8,9 @@ Explained in the chapter "Generating text" (chapters/06_generation.ipynb). This 
 * ``stream_generate``: a generator that yields the new tokens one step at a time, with or
   without the key/value cache; ``generate``: the same, returned as one tensor;
 * ``pad_prompts``: prompts of different lengths as one left-padded batch and its mask;
-* ``load_model`` and ``add_generate_parser``: ``python -m llm_from_scratch generate``.
+* ``load_model`` and ``add_generate_parser``: ``python -m llm_from_scratch generate`` (with
+  ``--quantize int8|bf16``, or a file written by ``python -m llm_from_scratch quantize``, it
+  decodes with the quantized layers of ``quantize.py``).
 
 It holds no model code: the key/value cache lives in ``attention.py`` (``KVCache``) and the
 model (``model.py``) threads it through its layers. ``generate`` works with any model that has
@@ -471,12 +473,30 @@ def _load_tokenizer(run: Path, meta: dict, vocab_size: int, tokenizer_path: Path
     raise FileNotFoundError(f"no tokenizer.json next to {run}: pass --tokenizer PATH")
 
 
+def _load_for_generation(checkpoint: Path, device: torch.device, quantize: str | None) -> tuple[nn.Module, dict]:
+    """A training checkpoint (quantized to ``quantize`` when given) or a file of ``quantize.save_quantized``."""
+    # quantize.py belongs to the book's second half: only this command-line glue reaches into it.
+    from llm_from_scratch import quantize as quantization
+
+    path = _checkpoint_file(checkpoint)
+    saved = quantization.read_quantized_metadata(path)
+    if saved is not None:
+        if quantize is not None and quantize != saved["quantization"]["dtype"]:
+            raise ValueError(f"{path} holds {saved['quantization']['dtype']} weights, not {quantize}: "
+                             "quantize the float32 checkpoint instead")
+        return quantization.load_quantized(path, device)
+    model, meta = load_model(path, device)
+    if quantize is not None:
+        model = quantization.quantize_model(model, quantize, inplace=True)
+    return model, meta
+
+
 def _cmd_generate(args) -> int:
     from llm_from_scratch.bpe import ENDOFTEXT
     from llm_from_scratch.utils import get_device
 
     device = get_device(args.device)
-    model, meta = load_model(args.checkpoint, device)
+    model, meta = _load_for_generation(args.checkpoint, device, args.quantize)
     encoding = _load_tokenizer(Path(args.checkpoint), meta, model.config.vocab_size, args.tokenizer)
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
     ids = encoding.encode(prompt, allowed_special="all")
@@ -515,7 +535,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         "generate", help="generate text from a training checkpoint",
         description="Continue a prompt with a trained model, printing tokens as they come.",
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="run folder (or its checkpoint.safetensors)")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="run folder (or its checkpoint.safetensors), or a file written by quantize")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--escapes", action="store_true", help=r"interpret backslash escapes in --prompt (\n, \t)")
     p.add_argument("--max-new-tokens", type=int, default=100)
@@ -526,5 +547,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json (default: the run folder's)")
     p.add_argument("--no-cache", action="store_true", help="recompute every token each step (slow)")
     p.add_argument("--device", default="cpu", help="cpu, auto, cuda, cuda:N or mps")
+    p.add_argument("--quantize", choices=("int8", "bf16"), default=None,
+                   help="decode with int8 (scales per 32 weights) or bfloat16 weights (see quantize.py)")
     p.set_defaults(func=_cmd_generate, parser=p)
     return p

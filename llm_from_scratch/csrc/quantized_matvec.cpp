@@ -1,0 +1,250 @@
+// Matrix-vector products with int8 (group-wise scales) or bfloat16 weights, for decoding on the CPU.
+//
+// Explained with llm_from_scratch/quantize.py, which builds this file on first use and checks every
+// result against its plain reference (dequantize the weights, then F.linear). A decode step
+// multiplies a few token vectors x (M, K), float32, by every weight matrix W (N, K): each weight is
+// read once, so the speed is set by how many bytes the weights take. The weights are turned into
+// float32 on the fly, sixteen at a time, in registers (never written back to memory), and
+// multiplied with every one of the M vectors while they are there; the sums are float32.
+//
+//   int8:  W[n, k] = q[n, k] * s[n, k / G]   q int8 in [-127, 127], s float16, G the group size
+//   bf16:  W[n, k] = the bfloat16 weight widened to float32 (exact: its top 16 bits)
+//
+// Output rows are shared among PyTorch's threads (at::parallel_for, OpenMP). With AVX-512 (the
+// course's AMD EPYC) the inner loop uses 512-bit registers; elsewhere plain loops that the compiler
+// vectorises for whatever the CPU has. What it does not do: quantize the activations (llama.cpp's
+// q8_0 x q8_0 dot products), gradients, or anything but the CPU.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define LLMFS_AVX512 1
+#else
+#define LLMFS_AVX512 0
+#endif
+
+namespace {
+
+constexpr int64_t kMaxRows = 8;  // token vectors per pass over a weight row (more: several passes)
+// Ask for the weights this far ahead of the ones being multiplied: one core's hardware prefetcher
+// alone keeps too few reads in flight (without it: 7.5 GB/s of int8 weights on one core of the
+// course's machine, with it 15-21, a plain torch sum reads 21; benchmarks/RESULTS.md).
+constexpr int64_t kPrefetchBytes = 8192;
+
+inline float half_to_float(const at::Half h) { return static_cast<float>(h); }
+
+#if LLMFS_AVX512
+// 16 int8 weights -> 16 floats
+inline __m512 load_int8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+// 16 bfloat16 weights -> 16 floats: a bfloat16 is the top half of a float32
+inline __m512 load_bf16(const uint16_t* p) {
+  __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// R weight rows times M vectors: R * M accumulators, so that enough FMA chains run side by side
+// and each load of x serves R rows.
+template <int R, int M>
+void int8_rows(const int8_t* q, const at::Half* s, const float* x, float* y, const float* b, int64_t n, int64_t N,
+               int64_t K, int64_t G, int64_t x_stride) {
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  const int64_t groups = K / G;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 scale[R];
+    for (int r = 0; r < R; ++r) {
+      scale[r] = _mm512_set1_ps(half_to_float(s[(n + r) * groups + g]));
+      _mm_prefetch(reinterpret_cast<const char*>(q + (n + r) * K + g * G) + kPrefetchBytes, _MM_HINT_T0);
+    }
+    for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+      for (int r = 0; r < R; ++r) {
+        const __m512 w = _mm512_mul_ps(load_int8(q + (n + r) * K + k), scale[r]);  // q * s: exact in float32
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * x_stride + k), acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) y[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + (b ? b[n + r] : 0.f);
+}
+
+template <int R, int M>
+void bf16_rows(const uint16_t* w16, const float* x, float* y, const float* b, int64_t n, int64_t N, int64_t K, int64_t x_stride) {
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    for (int r = 0; r < R; ++r) {
+      if (k % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(w16 + (n + r) * K + k) + kPrefetchBytes, _MM_HINT_T0);
+      const __m512 w = load_bf16(w16 + (n + r) * K + k);
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * x_stride + k), acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) y[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + (b ? b[n + r] : 0.f);
+}
+
+// Rows n0..n1 for M vectors: R rows at a time (fewer rows when M is large), then the leftover rows.
+template <int M>
+void int8_block(const int8_t* q, const at::Half* s, const float* x, float* y, const float* b, int64_t n0, int64_t n1, int64_t N,
+                int64_t K, int64_t G, int64_t x_stride) {
+  constexpr int R = M <= 4 ? 4 : 2;  // at most 16 accumulators (of 32 registers)
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) int8_rows<R, M>(q, s, x, y, b, n, N, K, G, x_stride);
+  for (; n < n1; ++n) int8_rows<1, M>(q, s, x, y, b, n, N, K, G, x_stride);
+}
+
+template <int M>
+void bf16_block(const uint16_t* w, const float* x, float* y, const float* b, int64_t n0, int64_t n1, int64_t N, int64_t K,
+                int64_t x_stride) {
+  constexpr int R = M <= 4 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) bf16_rows<R, M>(w, x, y, b, n, N, K, x_stride);
+  for (; n < n1; ++n) bf16_rows<1, M>(w, x, y, b, n, N, K, x_stride);
+}
+
+template <typename F>
+void dispatch_rows(int64_t m, F&& f) {  // call f with M as a compile-time constant
+  switch (m) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+#endif
+
+// Plain loops: the same sums, for CPUs without AVX-512 (and for K or G not a multiple of 16).
+void int8_plain(const int8_t* q, const at::Half* s, const float* x, float* y, const float* b, int64_t n0, int64_t n1, int64_t M,
+                int64_t N, int64_t K, int64_t G) {
+  const int64_t groups = K / G;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float total = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float scale = half_to_float(s[n * groups + g]);
+        for (int64_t k = g * G; k < (g + 1) * G; ++k) total += static_cast<float>(q[n * K + k]) * scale * x[m * K + k];
+      }
+      y[m * N + n] = total + (b ? b[n] : 0.f);
+    }
+}
+
+void bf16_plain(const uint16_t* w, const float* x, float* y, const float* b, int64_t n0, int64_t n1, int64_t M, int64_t N,
+                int64_t K) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float total = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        uint32_t bits = static_cast<uint32_t>(w[n * K + k]) << 16;
+        float wf;
+        std::memcpy(&wf, &bits, sizeof wf);
+        total += wf * x[m * K + k];
+      }
+      y[m * N + n] = total + (b ? b[n] : 0.f);
+    }
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "quantized_matvec: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "quantized_matvec: x must be a contiguous float32 (M, K) tensor");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == x.size(1),
+              "quantized_matvec: weight must be a contiguous (N, K) tensor with K = x.size(1)");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == weight.size(0),
+                "quantized_matvec: bias must be a contiguous float32 (N,) tensor");
+  }
+}
+
+// Rows per task: about 64 KiB of weights, so that each thread gets a long stretch of memory to stream.
+int64_t grain(int64_t K, int64_t bytes_per_weight) { return std::max<int64_t>(16, (1 << 16) / (K * bytes_per_weight)); }
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& bias) {
+  check_inputs(x, qweight, bias);
+  TORCH_CHECK(qweight.scalar_type() == at::kChar, "int8_linear: qweight must be int8");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.dim() == 2 && scales.is_contiguous() &&
+                  scales.size(0) == qweight.size(0) && qweight.size(1) % scales.size(1) == 0,
+              "int8_linear: scales must be a contiguous float16 (N, K / group_size) tensor");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), G = K / scales.size(1);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const int8_t* q = qweight.data_ptr<int8_t>();
+  const at::Half* s = scales.data_ptr<at::Half>();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  at::parallel_for(0, N, grain(K, 1), [&](int64_t n0, int64_t n1) {
+#if LLMFS_AVX512
+    if (K % 16 == 0 && G % 16 == 0) {
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        const int64_t rows = std::min(kMaxRows, M - m0);
+        dispatch_rows(rows, [&](auto m) {
+          int8_block<decltype(m)::value>(q, s, xp + m0 * K, yp + m0 * N, bp, n0, n1, N, K, G, K);
+        });
+      }
+      return;
+    }
+#endif
+    int8_plain(q, s, xp, yp, bp, n0, n1, M, N, K, G);
+  });
+  return y;
+}
+
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  check_inputs(x, weight, bias);
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "bf16_linear: weight must be bfloat16");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  at::parallel_for(0, N, grain(K, 2), [&](int64_t n0, int64_t n1) {
+#if LLMFS_AVX512
+    if (K % 16 == 0) {
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        const int64_t rows = std::min(kMaxRows, M - m0);
+        dispatch_rows(rows, [&](auto m) {
+          bf16_block<decltype(m)::value>(w, xp + m0 * K, yp + m0 * N, bp, n0, n1, N, K, K);
+        });
+      }
+      return;
+    }
+#endif
+    bf16_plain(w, xp, yp, bp, n0, n1, M, N, K);
+  });
+  return y;
+}
+
+// Which inner loop this build uses: "avx512" or "plain"; Python checks that the CPU runs it.
+std::string isa() { return LLMFS_AVX512 ? "avx512" : "plain"; }
+
+}  // namespace
+
+TORCH_LIBRARY(llm_from_scratch_quantized, m) {
+  m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("isa() -> str");
+}
+
+TORCH_LIBRARY_IMPL(llm_from_scratch_quantized, CPU, m) {
+  m.impl("int8_linear", int8_linear);
+  m.impl("bf16_linear", bf16_linear);
+}
+
+TORCH_LIBRARY_IMPL(llm_from_scratch_quantized, CompositeExplicitAutograd, m) {
+  m.impl("isa", isa);
+}

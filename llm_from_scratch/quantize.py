@@ -1,0 +1,483 @@
+"""Quantized weights for decoding: bfloat16 and int8 linear layers, and their files.
+
+To be explained in the chapter "Generating text" (chapters/06_generation.ipynb), section on the
+roofline of decoding and quantization. A decode step reads every weight matrix once for a
+matrix-vector product, so its speed is set by the bytes the weights take: 4 per weight in
+float32, 2 in bfloat16, about 1 in int8. This module holds:
+
+* ``quantize_int8`` / ``dequantize_int8``: symmetric absmax quantization of a weight matrix
+  ``(out, in)``, one scale per group of ``group_size`` consecutive input columns of each row
+  (llama.cpp's ``q8_0`` blocks of 32; ``group_size=None``: one scale per output row),
+
+      s = max |w| / 127 over the group (stored as float16, rounded up),  q = round(w / s) in [-127, 127],
+
+  so that ``|w - q * s| <= s / 2`` for every weight;
+* ``Int8Linear`` and ``BF16Linear``: drop-in replacements of ``nn.Linear`` for inference that
+  hold the weights in those formats and multiply without ever writing float32 weights to
+  memory on the CPU: a small C++ kernel (``csrc/quantized_matvec.cpp``) widens them to
+  float32 in registers, for up to a few token vectors at once (decoding). Everything else (a
+  long prompt, gradients, another device, no compiler) runs the plain reference:
+  dequantize, then ``F.linear``. Both compute the same float32 sums up to their order;
+* ``quantize_model``: a copy of a model with every ``nn.Linear`` replaced (the output layer too:
+  when it is tied to the token embedding, the embedding stays float32 for the look-up and the
+  output layer gets its own quantized copy);
+* ``save_quantized`` / ``load_quantized``: one safetensors file with the quantized weights,
+  their scales and the model's configuration, written atomically.
+
+The kernel is compiled on first use (about 10-30 s, with ``g++ -O3 -march=native`` and
+OpenMP) into ``~/.cache/llm_from_scratch/extensions`` (``$XDG_CACHE_HOME`` is honoured), one
+build per source, PyTorch version and CPU. Where that fails (no compiler, no ninja) a warning
+is issued once and the reference runs instead; ``LLM_FROM_SCRATCH_NO_KERNELS=1`` skips the
+kernel altogether. It does not quantize activations or the key/value cache, train quantized
+weights (QLoRA), or use GPU kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import platform
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+#: The formats ``quantize_model`` produces.
+DTYPES = ("int8", "bf16")
+#: Identifies a quantized model file (and its layout version) inside the safetensors metadata.
+QUANTIZED_FORMAT = "llm_from_scratch.quantized/1"
+#: Largest number of token vectors (rows of ``x``) the kernel multiplies; more go to the reference.
+KERNEL_MAX_ROWS = 16
+
+_FLOAT16_MAX = torch.finfo(torch.float16).max
+
+
+# --------------------------------------------------------------------------------------------
+# Quantizing one matrix (the reference)
+# --------------------------------------------------------------------------------------------
+def _check_group_size(group_size: int | None, in_features: int, where: str = "the weight") -> int:
+    """The group size as an int (``None``: the whole row); ``ValueError`` when it does not divide the row."""
+    if group_size is None:
+        return in_features
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive int or None (one scale per row), got {group_size!r}")
+    if in_features % group_size != 0:
+        raise ValueError(
+            f"group_size={group_size} does not divide the {in_features} input features of {where}: "
+            f"expected a divisor of {in_features} (e.g. 32) or None for one scale per output row"
+        )
+    return group_size
+
+
+def quantize_int8(weight: Tensor, group_size: int | None = 32) -> tuple[Tensor, Tensor]:
+    """Symmetric absmax int8 quantization of ``weight`` ``(out, in)`` in groups of ``group_size`` columns.
+
+    Returns ``qweight`` ``(out, in)`` int8 in ``[-127, 127]`` and ``scales``
+    ``(out, in // group_size)`` float16, with ``weight ~= qweight * scales`` (each scale repeated
+    over its group; ``dequantize_int8``). A scale is ``max |w| / 127`` over its group, rounded
+    *up* to the next float16 so that no weight needs clamping: every weight is within half a
+    scale of its dequantized value. An all-zero group gets scale 1 (its weights stay 0).
+    ``group_size=None``: one scale per output row. ``ValueError`` for weights that are not
+    finite, too large for float16 scales, or a group size that does not divide ``in``.
+    """
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        got = f"{weight.dtype} {tuple(weight.shape)}" if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a floating-point matrix (out, in), got {got}")
+    out_features, in_features = weight.shape
+    group_size = _check_group_size(group_size, in_features)
+    w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)  # (out, groups, G)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("weight holds NaN or infinite values: nothing to quantize")
+    absmax = w.abs().amax(dim=-1)  # (out, groups)
+    scales = absmax / 127
+    if float(scales.max()) > _FLOAT16_MAX:
+        raise ValueError(f"weights up to {float(absmax.max()):.3g} need scales beyond float16's range ({_FLOAT16_MAX})")
+    half = scales.to(torch.float16)
+    # float16 rounds to nearest: where it rounded down, take the next float16 up.
+    up = torch.nextafter(half, torch.tensor(float("inf"), dtype=torch.float16))
+    half = torch.where(half.float() < scales, up, half)
+    half = torch.where(absmax == 0, torch.ones_like(half), half)
+    q = torch.round(w / half.float()[..., None]).clamp_(-127, 127)  # (out, groups, G); clamp: a no-op guard
+    return q.to(torch.int8).reshape(out_features, in_features), half
+
+
+def dequantize_int8(qweight: Tensor, scales: Tensor) -> Tensor:
+    """``qweight`` ``(out, in)`` int8 times ``scales`` ``(out, groups)``: the float32 weight ``(out, in)``.
+
+    Each scale multiplies its group of ``in // groups`` consecutive columns; the products are
+    exact in float32 (7 bits times 11 bits).
+    """
+    out_features, in_features = qweight.shape
+    groups = scales.size(-1)
+    w = qweight.reshape(out_features, groups, in_features // groups).float() * scales.float()[..., None]
+    return w.reshape(out_features, in_features)  # (out, in)
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel: built on first use, or the reference with a warning
+# --------------------------------------------------------------------------------------------
+_SOURCE = Path(__file__).parent / "csrc" / "quantized_matvec.cpp"
+_kernels: Any = None  # torch.ops.llm_from_scratch_quantized once built; False when unavailable
+_warned = False
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "llm_from_scratch" / "extensions"
+
+
+def _cpu_fingerprint() -> str:
+    """The CPU's model and feature flags: a ``-march=native`` build is only valid on such a CPU."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [line for line in info.splitlines() if line.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build_kernels() -> Any:
+    from torch.utils.cpp_extension import load
+
+    source = _SOURCE.read_bytes()
+    flags = ["-O3", "-fopenmp"]
+    if platform.machine().lower() in {"x86_64", "amd64"}:
+        flags.append("-march=native")
+    key = hashlib.sha256(source + torch.__version__.encode() + " ".join(flags).encode()
+                         + _cpu_fingerprint().encode()).hexdigest()[:16]
+    name = f"llm_from_scratch_quantized_{key}"
+    build_dir = _cache_dir() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("building the quantized matrix-vector kernels in %s (once)", build_dir)
+    # The extension links the libgomp that PyTorch itself loaded (same soname): one thread pool.
+    load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, build_directory=str(build_dir),
+         is_python_module=False, verbose=False)
+    ops = torch.ops.llm_from_scratch_quantized
+    if ops.isa() == "avx512" and torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+        raise RuntimeError(f"the kernel was built for AVX-512 but this CPU reports {torch.backends.cpu.get_cpu_capability()}")
+    return ops
+
+
+def kernels() -> Any:
+    """The compiled ops (``int8_linear``, ``bf16_linear``), built on the first call; None when unavailable.
+
+    Unavailable: ``LLM_FROM_SCRATCH_NO_KERNELS=1``, or the build failed (a warning says why,
+    once; the layers then run their reference).
+    """
+    global _kernels, _warned
+    if _kernels is None:
+        if os.environ.get("LLM_FROM_SCRATCH_NO_KERNELS", "") not in ("", "0"):
+            _kernels = False
+        else:
+            try:
+                _kernels = _build_kernels()
+            except Exception as err:  # compiler, ninja, linker, loader: any failure means "no kernel"
+                _kernels = False
+                if not _warned:
+                    _warned = True
+                    warnings.warn(f"the quantized matrix-vector kernel is not available ({type(err).__name__}: "
+                                  f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''}); "
+                                  "quantized layers use the slower reference (dequantize, then F.linear)",
+                                  RuntimeWarning, stacklevel=2)
+    return _kernels or None
+
+
+# --------------------------------------------------------------------------------------------
+# The layers
+# --------------------------------------------------------------------------------------------
+class _QuantizedLinear(nn.Module):
+    """What both formats share: shapes, bias, and the choice between the kernel and the reference."""
+
+    #: ``False`` on an instance (or the class) sends every product to the reference.
+    use_kernel: bool = True
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    def dequantize(self) -> Tensor:
+        """The float32 weight ``(out, in)`` these values stand for."""
+        raise NotImplementedError
+
+    def forward_reference(self, x: Tensor) -> Tensor:
+        """Dequantize, then ``F.linear``: ``x`` ``(..., in)`` -> ``(..., out)`` in ``x``'s dtype."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize().to(x.dtype), bias)
+
+    def _kernel_product(self, ops: Any, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` ``(..., in)`` -> ``(..., out)``: the kernel for a few float32 CPU rows without gradients."""
+        rows = x.numel() // self.in_features if self.in_features else 0
+        if (self.use_kernel and 0 < rows <= KERNEL_MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
+                and not (torch.is_grad_enabled() and x.requires_grad) and type(x) is Tensor):
+            ops = kernels()
+            if ops is not None:
+                y = self._kernel_product(ops, x.reshape(rows, self.in_features).contiguous())  # (rows, out)
+                return y.view(*x.shape[:-1], self.out_features)
+        return self.forward_reference(x)
+
+    def _bias_arg(self) -> Tensor | None:
+        return None if self.bias is None else self.bias.float().contiguous()
+
+
+class Int8Linear(_QuantizedLinear):
+    """A linear layer with int8 weights and float16 scales per group of ``group_size`` input columns.
+
+    Buffers: ``qweight`` ``(out, in)`` int8, ``scales`` ``(out, in // group_size)`` float16,
+    ``bias`` ``(out,)`` float32 or None. Made from an ``nn.Linear`` by ``from_linear``.
+    Inference only: nothing here is a trainable parameter.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int | None = 32) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.group_size = _check_group_size(group_size, in_features)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, in_features // self.group_size, dtype=torch.float16))
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, group_size: int | None = 32) -> Int8Linear:
+        """The int8 version of ``layer`` (its weight quantized by ``quantize_int8``, its bias kept in float32)."""
+        new = cls(layer.in_features, layer.out_features, layer.bias is not None, group_size)
+        new.qweight, new.scales = quantize_int8(layer.weight, new.group_size)
+        if layer.bias is not None:
+            new.bias = layer.bias.detach().float().clone()
+        return new.to(layer.weight.device)
+
+    def dequantize(self) -> Tensor:
+        return dequantize_int8(self.qweight, self.scales)
+
+    def _kernel_product(self, ops: Any, x: Tensor) -> Tensor:
+        return ops.int8_linear(x, self.qweight, self.scales, self._bias_arg())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}")
+
+
+class BF16Linear(_QuantizedLinear):
+    """A linear layer with bfloat16 weights (``weight`` ``(out, in)``) and a float32 bias; inference only."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.bfloat16))
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear) -> BF16Linear:
+        """The bfloat16 version of ``layer``: its weight rounded to nearest bfloat16, its bias kept in float32."""
+        new = cls(layer.in_features, layer.out_features, layer.bias is not None)
+        new.weight = layer.weight.detach().to(torch.bfloat16).contiguous()
+        if layer.bias is not None:
+            new.bias = layer.bias.detach().float().clone()
+        return new.to(layer.weight.device)
+
+    def dequantize(self) -> Tensor:
+        return self.weight.float()
+
+    def _kernel_product(self, ops: Any, x: Tensor) -> Tensor:
+        return ops.bf16_linear(x, self.weight, self._bias_arg())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+# --------------------------------------------------------------------------------------------
+# Whole models
+# --------------------------------------------------------------------------------------------
+def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    from llm_from_scratch.lora import LoRALinear
+
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, _QuantizedLinear):
+            raise ValueError(f"the model is already quantized ({name}: {type(module).__name__}): "
+                             "quantize the float32 model, not a quantized one")
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"{name} holds a LoRA adapter: merge it first (lora.merge_lora), then quantize")
+        if isinstance(module, nn.Linear):
+            layers.append((name, module))
+    return layers
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return dtype
+
+
+def quantize_model(model: nn.Module, dtype: str = "int8", group_size: int | None = 32, *,
+                   inplace: bool = False) -> nn.Module:
+    """A copy of ``model`` (``model`` itself with ``inplace=True``) whose ``nn.Linear`` layers hold quantized weights.
+
+    ``dtype="int8"``: ``Int8Linear`` layers, scales per group of ``group_size`` input columns
+    (``None``: one per output row); ``"bf16"``: ``BF16Linear`` layers (``group_size`` unused).
+    Embeddings, layer norms and biases stay float32, so a tied output layer gets its own
+    quantized copy of the embedding. The result works with ``generate.generate`` and
+    ``stream_generate`` as it is and is in eval mode; it is for inference (no gradients reach
+    the quantized weights). ``model.quantization`` records ``{"dtype", "group_size"}``.
+
+    Raises ``TypeError`` for something that is not an ``nn.Module`` and ``ValueError`` for an
+    unknown ``dtype``, a ``group_size`` that does not divide some layer's input width (naming
+    the layer), a model that is already quantized, or one with an unmerged LoRA adapter.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_dtype(dtype)
+    layers = _linear_layers(model)
+    if dtype == "int8":
+        for name, layer in layers:
+            _check_group_size(group_size, layer.in_features, where=f"layer {name!r}")
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize")
+    if not inplace:
+        model = copy.deepcopy(model)  # keeps tied weights tied in the copy
+        layers = _linear_layers(model)
+    with torch.no_grad():
+        for name, layer in layers:
+            new = Int8Linear.from_linear(layer, group_size) if dtype == "int8" else BF16Linear.from_linear(layer)
+            _set_submodule(model, name, new)
+    model.quantization = {"dtype": dtype, "group_size": group_size if dtype == "int8" else None}
+    return model.eval()
+
+
+def _empty_quantized(model: nn.Module, quantization: dict[str, Any]) -> nn.Module:
+    """``model`` with every ``nn.Linear`` replaced by an empty quantized layer of its shape (for loading)."""
+    dtype, group_size = _check_dtype(quantization["dtype"]), quantization.get("group_size")
+    for name, layer in _linear_layers(model):
+        bias = layer.bias is not None
+        new = (Int8Linear(layer.in_features, layer.out_features, bias, group_size) if dtype == "int8"
+               else BF16Linear(layer.in_features, layer.out_features, bias))
+        _set_submodule(model, name, new)
+    model.quantization = dict(quantization)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+def save_quantized(model: nn.Module, path: str | os.PathLike, *, tokenizer: dict[str, str] | None = None) -> Path:
+    """Write a model from ``quantize_model`` to one safetensors file, atomically (temporary file, then rename).
+
+    Tensors: the state dict (``model.*``: int8 weights with their float16 scales, or bfloat16
+    weights, and every float32 tensor; a tied tensor once). Metadata (JSON): the format, the
+    model's class and configuration, the quantization, the tokenizer fingerprint and a sha256
+    of the tensors, as in training checkpoints (``checkpoint.py``). ``load_quantized`` reads it.
+    """
+    from safetensors.torch import save as st_save
+
+    from llm_from_scratch.checkpoint import _model_config_dict, _tensor_digest, _unwrap
+    from llm_from_scratch.utils import atomic_write_bytes
+
+    inner = _unwrap(model)
+    quantization = getattr(inner, "quantization", None)
+    if not isinstance(quantization, dict) or not any(isinstance(m, _QuantizedLinear) for m in inner.modules()):
+        raise ValueError("model is not quantized: call quantize_model first")
+    config = _model_config_dict(inner)
+    if config is None:
+        raise ValueError(f"{type(inner).__name__} has no config: load_quantized could not rebuild it")
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[int, str] = {}
+    for name, t in inner.state_dict(keep_vars=True).items():
+        if t.numel() and id(t) in seen:
+            aliases[name] = seen[id(t)]
+            continue
+        seen[id(t)] = name
+        tensors[f"model.{name}"] = t.detach().contiguous().cpu()
+    meta = {
+        "format": QUANTIZED_FORMAT,
+        "model_class": type(inner).__name__,
+        "model_config": config,
+        "quantization": quantization,
+        "aliases": aliases,
+        "tokenizer": tokenizer,
+        "tensors_sha256": _tensor_digest(tensors),
+    }
+    path = Path(path)
+    atomic_write_bytes(path, st_save(tensors, metadata={"llm_from_scratch": json.dumps(meta)}))
+    return path
+
+
+def read_quantized_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The metadata of a file written by ``save_quantized``; None for any other safetensors file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["llm_from_scratch"])
+    except Exception:  # not safetensors, or no metadata of ours
+        return None
+    return meta if meta.get("format") == QUANTIZED_FORMAT else None
+
+
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The model saved by ``save_quantized``, in eval mode, and the file's metadata.
+
+    The model class comes from the registry (``registry.MODEL_CLASSES``) by the name the file
+    records. ``FileNotFoundError`` when there is no file; ``ValueError`` for a file that is not
+    a quantized model, or whose tensors do not match their recorded sha256 (corrupt).
+    """
+    from safetensors.torch import load_file
+
+    from llm_from_scratch.checkpoint import _tensor_digest
+    from llm_from_scratch.registry import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no quantized model at {path}")
+    meta = read_quantized_metadata(path)
+    if meta is None:
+        raise ValueError(f"{path} is not a quantized model (format {QUANTIZED_FORMAT!r}); see save_quantized")
+    tensors = load_file(str(path))
+    if _tensor_digest(tensors) != meta["tensors_sha256"]:
+        raise ValueError(f"{path} is corrupt: the tensors' sha256 does not match the one recorded when it was written")
+    model = _empty_quantized(build_model(meta["model_class"], meta["model_config"]), meta["quantization"])
+    state = {k.removeprefix("model."): v for k, v in tensors.items()}
+    for alias, target in meta["aliases"].items():
+        state[alias] = state[target]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not fit its recorded model: {err}") from None
+    return model.to(device).eval(), meta
+
+
+# --------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------
+def _cmd_quantize(args) -> int:
+    from llm_from_scratch.generate import load_model
+
+    model, meta = load_model(args.checkpoint)
+    model = quantize_model(model, args.dtype, None if args.group_size == 0 else args.group_size, inplace=True)
+    path = save_quantized(model, args.out, tokenizer=meta.get("tokenizer"))
+    size = path.stat().st_size
+    print(f"{path}: {size / 1e6:.1f} MB, {args.dtype} weights; "
+          f"generate with: python -m llm_from_scratch generate --checkpoint {path}")
+    return 0
+
+
+def add_quantize_parser(subparsers) -> None:
+    """Register ``quantize`` on the ``subparsers`` of ``python -m llm_from_scratch``."""
+    p = subparsers.add_parser("quantize", help="write a checkpoint's model with int8 or bfloat16 weights",
+                              description="Quantize a training checkpoint's model and save it (safetensors).")
+    p.add_argument("--checkpoint", type=Path, required=True, help="run folder (or its checkpoint.safetensors)")
+    p.add_argument("--dtype", choices=DTYPES, default="int8")
+    p.add_argument("--group-size", type=int, default=32, help="int8: weights per scale (0: one scale per row)")
+    p.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
+    p.set_defaults(func=_cmd_quantize, parser=p)
