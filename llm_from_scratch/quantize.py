@@ -1,7 +1,7 @@
 """Quantized weights for decoding: bfloat16 and int8 linear layers, and their files.
 
-To be explained in the chapter "Generating text" (chapters/06_generation.ipynb), section on the
-roofline of decoding and quantization. A decode step reads every weight matrix once for a
+Explained in the chapter "Fast generation" (chapters/11_fast_generation.ipynb), with the roofline
+of decoding (``roofline.py``). A decode step reads every weight matrix once for a
 matrix-vector product, so its speed is set by the bytes the weights take: 4 per weight in
 float32, 2 in bfloat16, about 1 in int8. This module holds:
 
@@ -144,8 +144,27 @@ def _cpu_fingerprint() -> str:
         return platform.processor() or platform.machine()
 
 
+def _ninja_on_path() -> None:
+    """torch's extension builder runs ``ninja`` from PATH: add the pip package's when PATH has none."""
+    import shutil
+    import sys
+
+    if shutil.which("ninja"):
+        return
+    folders = [str(Path(sys.executable).parent)]  # a virtual environment's bin, when not activated
+    try:
+        import ninja  # the PyPI wheel (requirements.txt) ships the binary
+
+        folders.insert(0, ninja.BIN_DIR)
+    except ImportError:
+        pass
+    os.environ["PATH"] = os.pathsep.join(folders + [os.environ.get("PATH", "")])
+
+
 def _build_kernels() -> Any:
     from torch.utils.cpp_extension import load
+
+    _ninja_on_path()
 
     source = _SOURCE.read_bytes()
     flags = ["-O3", "-fopenmp"]

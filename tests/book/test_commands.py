@@ -155,6 +155,8 @@ def _llm_args(args: list[str], where: str) -> list[str]:
         return _set_options(args, TRAIN_TINY, add_missing=True)
     if command == "generate":
         return _set_options(args, GENERATE_TINY, add_missing=False)
+    if command == "quantize":
+        return args  # of the tiny run that the documented train command made
     raise AssertionError(f"{where}: no tiny version of the command {command!r}; add one to {__file__}")
 
 
