@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/generate.py [--new-tokens 512] [--no-cache-tokens 64] [--prompt-length 16]
                                             [--preset gpt2_small] [--threads 0] [--repeats 3]
                                             [--formats fp32,bf16,int8] [--batch-sizes 1,8] [--formats-only]
+                                            [--gguf-dir artifacts/bench] [--no-llama-cpp]
 
 A GPT-2-small-sized model with random weights (seeded) is built with our ``GPT`` and the same weights are loaded
 into ``transformers.GPT2LMHeadModel`` (through HF's own GPT-2 state-dict layout, the inverse of
@@ -38,15 +39,29 @@ embedding rows are under 0.2% and left out) plus the key/value cache the step at
 A batch reads the weights once per step for all its rows, so its roofline in tokens/s is
 ``B * bandwidth / (weights + B * cache)``. The column "of roofline" is tokens/s / roofline. The quantized kernels
 are built (or loaded from the cache) before the timed runs.
+
+llama.cpp beside ours (optional, never needed by the tests): when ``llama_cpp`` (llama-cpp-python) and ``gguf`` are
+importable and ``--gguf-dir`` holds this model as GGUF files (``<preset>-seed<seed>-{f32,f16,q8_0}.gguf``, written
+by ``scripts/gpt2_to_gguf.py``; ``bash scripts/build_llama_cpp.sh`` builds llama.cpp with ``-DGGML_NATIVE=ON`` in
+a separate venv and writes them), the table gets rows "llama.cpp f32 / f16 / q8_0" for the formats fp32 / bf16 /
+int8 at batch 1: the same weights, greedy (temperature 0, top-k 1, no repetition penalty), the same prompt and
+number of new tokens, ``n_threads`` = torch's threads, timed in the same rotating rounds. Their roofline counts the
+GGUF weight matrices at their sizes in the file (f32 4 bytes, f16 2, q8_0 34 per 32 weights; the tied embedding
+once, as the output matrix) plus llama.cpp's key/value cache (float16, its default). "vs fp32" of a llama.cpp row
+is against llama.cpp f32; "ours / llama.cpp" is our matching row's tokens/s over llama.cpp's (fp32 vs f32, bf16 vs
+f16, int8 vs q8_0); "same tokens as fp32" compares with our fp32 tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import itertools
 import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -54,6 +69,9 @@ from llm_from_scratch.generate import generate
 from llm_from_scratch.model import GPT, GPTConfig
 from llm_from_scratch.quantize import BF16Linear, Int8Linear, kernels, quantize_model
 
+ROOT = Path(__file__).resolve().parents[1]
+#: Our weight format -> the GGUF type of the llama.cpp row beside it.
+LLAMA_CPP_TYPES = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -121,6 +139,59 @@ def cache_bytes(config: GPTConfig, prompt_length: int, new_tokens: int) -> float
     return 2 * config.n_layers * config.d_model * 4 * mean_length
 
 
+def gguf_weight_bytes(path: Path) -> int:
+    """Bytes of the weight matrices one llama.cpp decode step reads: the 2-D tensors of the GGUF file at their stored
+    sizes, less the looked-up position embedding, and the token embedding only as the (tied) output matrix."""
+    import gguf
+
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2}
+    skip = {"position_embd.weight"} | ({"token_embd.weight"} if "output.weight" in tensors else set())
+    return sum(int(t.n_bytes) for name, t in tensors.items() if name not in skip)
+
+
+def llama_cpp_rows(args, model: GPT, formats: list[str]) -> dict:
+    """``{row name: (our format, Llama, weight bytes)}`` of the llama.cpp rows, or ``{}`` with a line saying why."""
+    if args.no_llama_cpp:
+        return {}
+    how = "bash scripts/build_llama_cpp.sh (then run this script with the python of the venv it prints)"
+    if 1 not in [int(b) for b in args.batch_sizes.split(",") if b]:
+        print("llama.cpp rows skipped: they run at batch 1, which --batch-sizes leaves out")
+        return {}
+    for module in ("llama_cpp", "gguf"):  # gguf: the tensor sizes of the roofline
+        if importlib.util.find_spec(module) is None:
+            print(f"llama.cpp rows skipped: {module} is not importable; to get them: {how}")
+            return {}
+    import llama_cpp
+
+    gguf_dir = args.gguf_dir or ROOT / "artifacts" / "bench"
+    files = {name: gguf_dir / f"{args.preset}-seed{args.seed}-{LLAMA_CPP_TYPES[name]}.gguf"
+             for name in formats if name in LLAMA_CPP_TYPES}
+    missing = [str(path) for path in files.values() if not path.exists()]
+    if missing:
+        print(f"llama.cpp rows skipped: no {', '.join(missing)}; to get them: {how}")
+        return {}
+    rows = {}
+    for name, path in files.items():
+        llm = llama_cpp.Llama(
+            str(path), n_ctx=args.prompt_length + args.new_tokens + 16, n_batch=max(512, args.prompt_length),
+            n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
+            type_k=llama_cpp.GGML_TYPE_F16, type_v=llama_cpp.GGML_TYPE_F16, verbose=False,
+        )
+        if llm.n_vocab() != model.config.vocab_size:
+            raise SystemExit(f"{path}: vocabulary {llm.n_vocab()}, ours {model.config.vocab_size}: not this model")
+        rows[f"llama.cpp {LLAMA_CPP_TYPES[name]}"] = (name, llm, gguf_weight_bytes(path))
+    return rows
+
+
+def llama_cpp_generate(llm, prompt: torch.Tensor, n_new: int) -> torch.Tensor:
+    """Greedy generation with llama.cpp from a (1, T) prompt: (1, T + n_new) token ids, like our ``generate``."""
+    llm.reset()  # forget the last run's cache: the prompt is evaluated again (prefill included, as for ours)
+    ids = prompt[0].tolist()
+    tokens = llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True)
+    new = list(itertools.islice(tokens, n_new))
+    return torch.tensor([ids + new])
+
+
 def formats_table(args, model: GPT) -> None:
     """The weight formats against each other and against their rooflines (see the module docstring)."""
     formats = [f for f in args.formats.split(",") if f]
@@ -132,13 +203,18 @@ def formats_table(args, model: GPT) -> None:
     if len(models) > 1 and kernels() is None:
         print("note: the quantized kernel is not available; bf16/int8 rows run the reference (dequantize + F.linear)")
     n_new = args.new_tokens
+    llama = llama_cpp_rows(args, model, formats)  # {} without llama.cpp
+    run = {name: (lambda p, n, m=m: generate(m, p, n, temperature=0.0)) for name, m in models.items()}
+    run |= {name: (lambda p, n, llm=llm: llama_cpp_generate(llm, p, n)) for name, (_, llm, _) in llama.items()}
     rows = []  # (format, batch size, prompt)
     for batch in batch_sizes:
         prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt_length),
                                generator=torch.Generator().manual_seed(args.seed + batch))
         rows += [(name, batch, prompt) for name in formats]
+        if batch == 1:
+            rows += [(name, batch, prompt) for name in llama]
     for name, _batch, prompt in rows:  # warm-up: kernels, allocator, thread pools
-        generate(models[name], prompt, 8, temperature=0.0)
+        run[name](prompt, 8)
     bandwidth_before = read_bandwidth()
     times: dict = {(name, batch): [] for name, batch, _ in rows}
     outputs: dict = {}
@@ -146,24 +222,32 @@ def formats_table(args, model: GPT) -> None:
     for r in range(max(1, args.repeats)):
         order = rows[r % len(rows):] + rows[: r % len(rows)]  # rotate: no row always runs first
         for name, batch, prompt in order:
-            t, outputs[name, batch] = _timed(lambda m=models[name], p=prompt: generate(m, p, n_new, temperature=0.0))
+            t, outputs[name, batch] = _timed(lambda f=run[name], p=prompt: f(p, n_new))
             times[name, batch].append(t)
     load_after = os.getloadavg()
     bandwidth_after = read_bandwidth()
     bandwidth = (bandwidth_before + bandwidth_after) / 2
     kv = cache_bytes(model.config, args.prompt_length, n_new)
+    rates = {key: key[1] * n_new / statistics.median(t) for key, t in times.items()}
+    width = max(6, *(len(name) for name, _, _ in rows))
+    extra_head, extra_rule = (f" {'ours / llama.cpp':>16} |", f"{'-' * 18}|") if llama else ("", "")
     print()
     print(f"weight formats: {args.preset}, greedy, prompt {args.prompt_length} tokens, {n_new} new tokens, "
           f"KV cache; median of {max(1, args.repeats)} rotating rounds; {torch.get_num_threads()} threads")
     print(f"read bandwidth (torch sum over 1 GiB): {bandwidth_before / 1e9:.1f} GB/s before, "
           f"{bandwidth_after / 1e9:.1f} GB/s after the rows; rooflines use the mean, {bandwidth / 1e9:.1f} GB/s")
-    print(f"| {'format':<6} | {'batch':>5} | {'MB read/step':>12} | {'tokens/s':>9} | {'vs fp32':>7} | "
-          f"{'roofline tok/s':>14} | {'of roofline':>11} | {'same tokens as fp32':>19} |")
-    print(f"|{'-' * 8}|{'-' * 7}|{'-' * 14}|{'-' * 11}|{'-' * 9}|{'-' * 16}|{'-' * 13}|{'-' * 21}|")
+    print(f"| {'format':<{width}} | {'batch':>5} | {'MB read/step':>12} | {'tokens/s':>9} | {'vs fp32':>7} | "
+          f"{'roofline tok/s':>14} | {'of roofline':>11} | {'same tokens as fp32':>19} |{extra_head}")
+    print(f"|{'-' * (width + 2)}|{'-' * 7}|{'-' * 14}|{'-' * 11}|{'-' * 9}|{'-' * 16}|{'-' * 13}|{'-' * 21}|"
+          f"{extra_rule}")
     for name, batch, _ in rows:
-        rate = batch * n_new / statistics.median(times[name, batch])
-        fp32_rate = batch * n_new / statistics.median(times["fp32", batch]) if ("fp32", batch) in times else None
-        step_bytes = weight_bytes(models[name]) + batch * kv
+        rate = rates[name, batch]
+        base = "llama.cpp f32" if name in llama else "fp32"
+        fp32_rate = rates.get((base, batch))
+        if name in llama:
+            step_bytes = llama[name][2] + batch * kv / 2  # its key/value cache is float16, ours float32
+        else:
+            step_bytes = weight_bytes(models[name]) + batch * kv
         roofline = batch * bandwidth / step_bytes
         out, ref = outputs[name, batch][:, args.prompt_length:], outputs.get(("fp32", batch))
         if ref is None:
@@ -172,8 +256,12 @@ def formats_table(args, model: GPT) -> None:
             agree = (out == ref[:, args.prompt_length:]).long().cumprod(dim=1).sum(dim=1)  # (B,): leading equal tokens
             same = f"{int(agree.min())}/{n_new}" + ("" if batch == 1 else " (worst row)")
         ratio = f"{rate / fp32_rate:.2f}x" if fp32_rate else "-"
-        print(f"| {name:<6} | {batch:>5} | {step_bytes / 1e6:>12.1f} | {rate:>9.1f} | {ratio:>7} | {roofline:>14.1f} | "
-              f"{rate / roofline:>10.0%} | {same:>19} |")
+        extra = ""
+        if llama:
+            ours = llama[name][0] if name in llama else None
+            extra = f" {f'{rates[ours, 1] / rate:.2f}x' if ours and (ours, 1) in rates else '-':>16} |"
+        print(f"| {name:<{width}} | {batch:>5} | {step_bytes / 1e6:>12.1f} | {rate:>9.1f} | {ratio:>7} | "
+              f"{roofline:>14.1f} | {rate / roofline:>10.0%} | {same:>19} |{extra}")
     print(f"load average (1, 5, 15 min) before the rows: {', '.join(f'{x:.2f}' for x in load_before)}; "
           f"after: {', '.join(f'{x:.2f}' for x in load_after)}")
 
@@ -194,6 +282,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8", help="batch sizes of the roofline table")
     parser.add_argument("--formats-only", action="store_true",
                         help="only the weight-format table (skip HF and the uncached run)")
+    parser.add_argument("--gguf-dir", type=Path, default=None,
+                        help="GGUF files of the llama.cpp rows (default: artifacts/bench; scripts/gpt2_to_gguf.py)")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="leave out the llama.cpp rows")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
