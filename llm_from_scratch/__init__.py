@@ -9,8 +9,9 @@ Each module holds one concept of the pipeline, in the order the book builds it:
 first half and are never imported by it (``registry`` lists the first half's models; ``finetune``
 registers its classifier there when imported).
 
-``quantize`` (int8 and bfloat16 weights for fast decoding, chapter "Generating text") is in the
-second half too: only the command lines of ``generate`` and ``chat`` reach into it.
+``roofline`` and ``quantize`` (the bytes a decode step reads and the ceiling they set; int8 and
+bfloat16 weights for fast decoding; chapter "Fast generation") are in the second half too: only the
+command lines of ``generate`` and ``chat`` reach into ``quantize``.
 
 ``instruct``, ``dpo`` and ``chat`` (the chapter "Following instructions": chat template, SFT,
 DPO, the chat loop of ``python -m llm_from_scratch chat`` / ``serve``) are in the second half of the
