@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/generate.py [--new-tokens 512] [--no-cache-tokens 64] [--prompt-length 16]
                                             [--preset gpt2_small] [--threads 0] [--repeats 3]
-                                            [--formats fp32,bf16,int8] [--batch-sizes 1,8] [--formats-only]
+                                            [--formats fp32,fp32-kernel,bf16,int8] [--batch-sizes 1,8] [--formats-only]
                                             [--gguf-dir artifacts/bench] [--no-llama-cpp]
+                                            [--llama-cpp-extra-buffers auto|on|off]
 
 A GPT-2-small-sized model with random weights (seeded) is built with our ``GPT`` and the same weights are loaded
 into ``transformers.GPT2LMHeadModel`` (through HF's own GPT-2 state-dict layout, the inverse of
@@ -28,9 +29,9 @@ uncached run is then *estimated*: one uncached step (a forward pass over the who
 step and summed. The table shows that estimate next to the measured N-token run and the estimate for those N tokens
 (a check of the estimate). ``--no-cache-tokens`` equal to ``--new-tokens`` times the whole uncached run instead.
 
-Weight formats and the roofline (``--formats fp32,bf16,int8``, ``--batch-sizes 1,8``; ``--formats-only`` skips the
-comparisons above): the same model as it is (float32) and through ``quantize.quantize_model`` (bfloat16; int8 with
-scales per 32 weights), each generating ``--new-tokens`` greedy tokens with the cache at every batch size (a batch
+Weight formats and the roofline (``--formats fp32,fp32-kernel,bf16,int8``, ``--batch-sizes 1,8``; ``--formats-only``
+skips the comparisons above): the same model as it is (float32, ``nn.Linear``) and through ``quantize.quantize_model``
+(float32 weights unchanged in the kernel's layers, "fp32-kernel"; bfloat16; int8 with scales per 32 weights), each generating ``--new-tokens`` greedy tokens with the cache at every batch size (a batch
 repeats the prompt with different random tokens). The rows are timed in ``--repeats`` rounds, the order rotating
 every round; medians. The machine's read bandwidth is measured in the same run, before and after the rows (a torch
 sum over 1 GiB of float32 on the same threads, best of 5), and each row's *roofline* is what that bandwidth allows
@@ -48,8 +49,8 @@ int8 at batch 1: the same weights, greedy (temperature 0, top-k 1, no repetition
 number of new tokens, ``n_threads`` = torch's threads, timed in the same rotating rounds. Their roofline counts the
 GGUF weight matrices at their sizes in the file (f32 4 bytes, f16 2, q8_0 34 per 32 weights; the tied embedding
 once, as the output matrix) plus llama.cpp's key/value cache (float16, its default). "vs fp32" of a llama.cpp row
-is against llama.cpp f32; "ours / llama.cpp" is our matching row's tokens/s over llama.cpp's (fp32 vs f32, bf16 vs
-f16, int8 vs q8_0); "same tokens as fp32" compares with our fp32 tokens.
+is against llama.cpp f32; "ours / llama.cpp" is our matching row's tokens/s over llama.cpp's (fp32-kernel, or fp32
+when it is not in ``--formats``, vs f32; bf16 vs f16; int8 vs q8_0); "same tokens as fp32" compares with our fp32 tokens.
 """
 
 from __future__ import annotations
@@ -67,11 +68,14 @@ import torch
 
 from llm_from_scratch.generate import generate
 from llm_from_scratch.model import GPT, GPTConfig
-from llm_from_scratch.quantize import BF16Linear, Int8Linear, kernels, quantize_model
+from llm_from_scratch.quantize import kernels, quantize_model
+from llm_from_scratch.roofline import kv_cache_bytes, read_bandwidth, weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Our weight format -> the GGUF type of the llama.cpp row beside it.
 LLAMA_CPP_TYPES = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}
+#: Our formats: the model as it is ("fp32", nn.Linear), or quantize_model's dtype for the others.
+QUANTIZE_DTYPES = {"fp32-kernel": "fp32", "bf16": "bf16", "int8": "int8"}
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -112,31 +116,9 @@ def _pairs(ours, reference, repeats: int) -> tuple[list[float], list[float], tor
     return times[ours], times[reference], outputs[ours], outputs[reference]
 
 
-def read_bandwidth(repeats: int = 5) -> float:
-    """Bytes per second a torch sum reads from a 1 GiB float32 tensor (best of ``repeats``), on torch's threads."""
-    x = torch.ones(2**28)
-    x.sum()
-    best = min(_timed(x.sum)[0] for _ in range(repeats))
-    return x.numel() * x.element_size() / best
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weight matrices one decode step reads, each in its own format (int8: with its scales)."""
-    total = 0
-    for module in model.modules():
-        if isinstance(module, Int8Linear):
-            total += module.qweight.numel() + module.scales.numel() * module.scales.element_size()
-        elif isinstance(module, BF16Linear):
-            total += module.weight.numel() * 2
-        elif isinstance(module, torch.nn.Linear):
-            total += module.weight.numel() * module.weight.element_size()
-    return total
-
-
 def cache_bytes(config: GPTConfig, prompt_length: int, new_tokens: int) -> float:
     """Key/value cache bytes one row's decode step reads, averaged over the run (float32 keys and values)."""
-    mean_length = prompt_length + (new_tokens - 1) / 2
-    return 2 * config.n_layers * config.d_model * 4 * mean_length
+    return kv_cache_bytes(config, 1) * (prompt_length + (new_tokens - 1) / 2)
 
 
 def gguf_weight_bytes(path: Path) -> int:
@@ -163,6 +145,21 @@ def llama_cpp_rows(args, model: GPT, formats: list[str]) -> dict:
             return {}
     import llama_cpp
 
+    extra_buffers = args.llama_cpp_extra_buffers
+    if extra_buffers == "auto":  # off where the CPU has AMX: llama.cpp's AMX buffers crashed there with q8_0
+        cpuinfo = Path("/proc/cpuinfo")
+        has_amx = cpuinfo.exists() and "amx_int8" in cpuinfo.read_text(errors="replace")
+        extra_buffers = "off" if has_amx else "on"
+    if extra_buffers == "off":
+        print("llama.cpp rows: extra buffer types off (no AMX or repacked weights: use_extra_bufts=False)")
+        default_params = llama_cpp.llama_model_default_params
+
+        def plain_buffers():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama.llama_cpp.llama_model_default_params = plain_buffers
     gguf_dir = args.gguf_dir or ROOT / "artifacts" / "bench"
     files = {name: gguf_dir / f"{args.preset}-seed{args.seed}-{LLAMA_CPP_TYPES[name]}.gguf"
              for name in formats if name in LLAMA_CPP_TYPES}
@@ -196,12 +193,15 @@ def formats_table(args, model: GPT) -> None:
     """The weight formats against each other and against their rooflines (see the module docstring)."""
     formats = [f for f in args.formats.split(",") if f]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    unknown = [name for name in formats if name != "fp32" and name not in QUANTIZE_DTYPES]
+    if unknown:
+        raise SystemExit(f"--formats: unknown {', '.join(unknown)}; expected some of fp32, {', '.join(QUANTIZE_DTYPES)}")
     models = {"fp32": model}
     for name in formats:
         if name != "fp32":
-            models[name] = quantize_model(model, name)
+            models[name] = quantize_model(model, QUANTIZE_DTYPES[name])
     if len(models) > 1 and kernels() is None:
-        print("note: the quantized kernel is not available; bf16/int8 rows run the reference (dequantize + F.linear)")
+        print("note: the quantized kernel is not available; kernel rows run the reference (dequantize + F.linear)")
     n_new = args.new_tokens
     llama = llama_cpp_rows(args, model, formats)  # {} without llama.cpp
     run = {name: (lambda p, n, m=m: generate(m, p, n, temperature=0.0)) for name, m in models.items()}
@@ -259,6 +259,8 @@ def formats_table(args, model: GPT) -> None:
         extra = ""
         if llama:
             ours = llama[name][0] if name in llama else None
+            if ours == "fp32" and ("fp32-kernel", 1) in rates:  # our float32 through the kernel: the fast path
+                ours = "fp32-kernel"
             extra = f" {f'{rates[ours, 1] / rate:.2f}x' if ours and (ours, 1) in rates else '-':>16} |"
         print(f"| {name:<{width}} | {batch:>5} | {step_bytes / 1e6:>12.1f} | {rate:>9.1f} | {ratio:>7} | "
               f"{roofline:>14.1f} | {rate / roofline:>10.0%} | {same:>19} |{extra}")
@@ -278,13 +280,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed (HF, ours) pairs of the cached contenders, alternating order (median kept)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--formats", default="fp32,bf16,int8", help="weight formats of the roofline table")
+    parser.add_argument("--formats", default="fp32,fp32-kernel,bf16,int8",
+                        help="weight formats of the roofline table (fp32: nn.Linear; fp32-kernel: the same weights in "
+                             "quantize_model's fp32 layers)")
     parser.add_argument("--batch-sizes", default="1,8", help="batch sizes of the roofline table")
     parser.add_argument("--formats-only", action="store_true",
                         help="only the weight-format table (skip HF and the uncached run)")
     parser.add_argument("--gguf-dir", type=Path, default=None,
                         help="GGUF files of the llama.cpp rows (default: artifacts/bench; scripts/gpt2_to_gguf.py)")
     parser.add_argument("--no-llama-cpp", action="store_true", help="leave out the llama.cpp rows")
+    parser.add_argument("--llama-cpp-extra-buffers", choices=("auto", "on", "off"), default="auto",
+                        help="llama.cpp's extra buffer types (AMX, repacked weights); auto: off on CPUs with AMX, "
+                             "where llama-cpp-python 0.3.36 crashed with q8_0 (segmentation fault)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

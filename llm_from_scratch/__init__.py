@@ -100,6 +100,7 @@ from llm_from_scratch.modern import (
 from llm_from_scratch.pretrained import PretrainSettings, pretrain, pretrained_model
 from llm_from_scratch.quantize import (
     BF16Linear,
+    F32Linear,
     Int8Linear,
     dequantize_int8,
     load_quantized,
@@ -227,6 +228,7 @@ __all__ = [
     "create_app",
     # quantize
     "BF16Linear",
+    "F32Linear",
     "Int8Linear",
     "dequantize_int8",
     "load_quantized",

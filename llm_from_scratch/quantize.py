@@ -15,12 +15,15 @@ float32, 2 in bfloat16, about 1 in int8. This module holds:
 * ``Int8Linear`` and ``BF16Linear``: drop-in replacements of ``nn.Linear`` for inference that
   hold the weights in those formats and multiply without ever writing float32 weights to
   memory on the CPU: a small C++ kernel (``csrc/quantized_matvec.cpp``) widens them to
-  float32 in registers, for up to a few token vectors at once (decoding). Everything else (a
+  float32 in registers, for up to a few token vectors at once (decoding). ``F32Linear`` keeps
+  float32 weights unchanged and multiplies them with the same loops (prefetching, threads),
+  so that float32 gets the same fast path as the smaller formats. Everything else (a
   long prompt, gradients, another device, no compiler) runs the plain reference:
   dequantize, then ``F.linear``. Both compute the same float32 sums up to their order;
 * ``quantize_model``: a copy of a model with every ``nn.Linear`` replaced (the output layer too:
   when it is tied to the token embedding, the embedding stays float32 for the look-up and the
-  output layer gets its own quantized copy);
+  output layer gets its own quantized copy), and GPT's blocks given ``DecodeBlock``'s shorter
+  path for a decode step (the same operations without the modules' Python overhead);
 * ``save_quantized`` / ``load_quantized``: one safetensors file with the quantized weights,
   their scales and the model's configuration, written atomically.
 
@@ -48,10 +51,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llm_from_scratch.model import Block
+
 logger = logging.getLogger(__name__)
 
-#: The formats ``quantize_model`` produces.
-DTYPES = ("int8", "bf16")
+#: The formats ``quantize_model`` produces ("fp32": float32 weights as they are, in the kernel's layer).
+DTYPES = ("int8", "bf16", "fp32")
 #: Identifies a quantized model file (and its layout version) inside the safetensors metadata.
 QUANTIZED_FORMAT = "llm_from_scratch.quantized/1"
 #: Largest number of token vectors (rows of ``x``) the kernel multiplies; more go to the reference.
@@ -186,7 +191,7 @@ def _build_kernels() -> Any:
 
 
 def kernels() -> Any:
-    """The compiled ops (``int8_linear``, ``bf16_linear``), built on the first call; None when unavailable.
+    """The compiled ops (``int8_linear``, ``bf16_linear``, ``f32_linear``), built on the first call; None when unavailable.
 
     Unavailable: ``LLM_FROM_SCRATCH_NO_KERNELS=1``, or the build failed (a warning says why,
     once; the layers then run their reference).
@@ -310,6 +315,86 @@ class BF16Linear(_QuantizedLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class F32Linear(_QuantizedLinear):
+    """A linear layer with its float32 weight unchanged (``weight`` ``(out, in)``), multiplied by the kernel.
+
+    Nothing is rounded: it is ``nn.Linear``'s function for inference, with the kernel's
+    matrix-vector product for a few token vectors (the same loops as the other formats, so
+    the float32 row of a benchmark measures the format, not a different product).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("weight", torch.zeros(out_features, in_features))
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear) -> F32Linear:
+        """``layer``'s weight and bias, copied as float32."""
+        new = cls(layer.in_features, layer.out_features, layer.bias is not None)
+        new.weight = layer.weight.detach().float().clone().contiguous()
+        if layer.bias is not None:
+            new.bias = layer.bias.detach().float().clone()
+        return new.to(layer.weight.device)
+
+    def dequantize(self) -> Tensor:
+        return self.weight
+
+    def _kernel_product(self, ops: Any, x: Tensor) -> Tensor:
+        return ops.f32_linear(x, self.weight, self._bias_arg())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+_LAYER_TYPES = {"int8": Int8Linear, "bf16": BF16Linear, "fp32": F32Linear}
+
+
+class DecodeBlock(Block):
+    """GPT's ``Block`` with a shorter path for one decode step; ``quantize_model`` gives its blocks this class.
+
+    A decode step of a few sequences runs about a dozen small operations per layer besides the
+    four products, and on the CPU their Python and dispatch cost (microseconds each) adds up
+    to a few milliseconds per step, a large share of a step whose products take 5-10 ms (the
+    chapter "Fast generation" profiles it). For one new token per sequence after cached ones
+    (no padding mask, eval mode, kernel-sized batches) this ``forward`` calls the kernel's
+    products directly and splits the heads with one view, skipping the modules' calls and
+    checks; the operations and their order are ``Block.forward``'s, so the result is the same
+    to the last bit (``tests/test_quantize.py`` checks it). Anything else runs
+    ``Block.forward``.
+    """
+
+    #: ``False`` (on the class or a block) sends every step through ``Block.forward``.
+    short_path: bool = True
+
+    def forward(self, x: Tensor, *, kv_cache: Any = None, padding_mask: Tensor | None = None) -> Tensor:
+        B, T, C = x.shape
+        attn, mlp = self.attn, self.mlp
+        layers = (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
+        ops = kernels() if self.short_path else None
+        if (ops is None or T != 1 or kv_cache is None or len(kv_cache) == 0 or padding_mask is not None
+                or self.training or B > KERNEL_MAX_ROWS or x.dtype != torch.float32 or x.device.type != "cpu"
+                or torch.is_grad_enabled() or not all(isinstance(m, _QuantizedLinear) and m.use_kernel for m in layers)):
+            return super().forward(x, kv_cache=kv_cache, padding_mask=padding_mask)
+        c_attn, c_proj, c_fc, mlp_proj = layers
+        H, D = attn.n_heads, attn.head_dim
+        ln_1, ln_2 = self.ln_1, self.ln_2
+        h = F.layer_norm(x, (C,), ln_1.weight, ln_1.bias, ln_1.eps).view(B, C)
+        q, k, v = c_attn._kernel_product(ops, h).view(B, 3, H, 1, D).unbind(1)  # 3 x (B, n_heads, 1, head_dim)
+        keys, values = kv_cache.append(k, v)  # (B, n_heads, past + 1, head_dim)
+        y = F.scaled_dot_product_attention(q, keys, values)  # one query sees every cached key: no mask
+        x = x + c_proj._kernel_product(ops, y.reshape(B, C)).view(B, 1, C)
+        h = F.layer_norm(x, (C,), ln_2.weight, ln_2.bias, ln_2.eps).view(B, C)
+        h = F.gelu(c_fc._kernel_product(ops, h), approximate=mlp.gelu.approximate)
+        return x + mlp_proj._kernel_product(ops, h).view(B, 1, C)
+
+
+def _short_decode_blocks(model: nn.Module) -> None:
+    """Give GPT's blocks (exactly ``Block``, not subclasses) the ``DecodeBlock`` class, in place."""
+    for module in model.modules():
+        if type(module) is Block:
+            module.__class__ = DecodeBlock
+
+
 # --------------------------------------------------------------------------------------------
 # Whole models
 # --------------------------------------------------------------------------------------------
@@ -344,9 +429,11 @@ def quantize_model(model: nn.Module, dtype: str = "int8", group_size: int | None
     """A copy of ``model`` (``model`` itself with ``inplace=True``) whose ``nn.Linear`` layers hold quantized weights.
 
     ``dtype="int8"``: ``Int8Linear`` layers, scales per group of ``group_size`` input columns
-    (``None``: one per output row); ``"bf16"``: ``BF16Linear`` layers (``group_size`` unused).
+    (``None``: one per output row); ``"bf16"``: ``BF16Linear`` layers; ``"fp32"``: ``F32Linear``
+    layers, the float32 weights unchanged in the kernel's layer (``group_size`` unused by both).
     Embeddings, layer norms and biases stay float32, so a tied output layer gets its own
-    quantized copy of the embedding. The result works with ``generate.generate`` and
+    quantized copy of the embedding. GPT's blocks become ``DecodeBlock`` (the same function, a
+    shorter path for a decode step). The result works with ``generate.generate`` and
     ``stream_generate`` as it is and is in eval mode; it is for inference (no gradients reach
     the quantized weights). ``model.quantization`` records ``{"dtype", "group_size"}``.
 
@@ -368,8 +455,9 @@ def quantize_model(model: nn.Module, dtype: str = "int8", group_size: int | None
         layers = _linear_layers(model)
     with torch.no_grad():
         for name, layer in layers:
-            new = Int8Linear.from_linear(layer, group_size) if dtype == "int8" else BF16Linear.from_linear(layer)
+            new = Int8Linear.from_linear(layer, group_size) if dtype == "int8" else _LAYER_TYPES[dtype].from_linear(layer)
             _set_submodule(model, name, new)
+    _short_decode_blocks(model)
     model.quantization = {"dtype": dtype, "group_size": group_size if dtype == "int8" else None}
     return model.eval()
 
@@ -380,8 +468,9 @@ def _empty_quantized(model: nn.Module, quantization: dict[str, Any]) -> nn.Modul
     for name, layer in _linear_layers(model):
         bias = layer.bias is not None
         new = (Int8Linear(layer.in_features, layer.out_features, bias, group_size) if dtype == "int8"
-               else BF16Linear(layer.in_features, layer.out_features, bias))
+               else _LAYER_TYPES[dtype](layer.in_features, layer.out_features, bias))
         _set_submodule(model, name, new)
+    _short_decode_blocks(model)
     model.quantization = dict(quantization)
     return model
 
@@ -496,7 +585,8 @@ def add_quantize_parser(subparsers) -> None:
     p = subparsers.add_parser("quantize", help="write a checkpoint's model with int8 or bfloat16 weights",
                               description="Quantize a training checkpoint's model and save it (safetensors).")
     p.add_argument("--checkpoint", type=Path, required=True, help="run folder (or its checkpoint.safetensors)")
-    p.add_argument("--dtype", choices=DTYPES, default="int8")
+    p.add_argument("--dtype", choices=DTYPES, default="int8",
+                   help="int8 (scales per group), bf16, or fp32 (the weights unchanged, for the kernel's float32 layer)")
     p.add_argument("--group-size", type=int, default=32, help="int8: weights per scale (0: one scale per row)")
     p.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
     p.set_defaults(func=_cmd_quantize, parser=p)

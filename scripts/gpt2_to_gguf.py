@@ -189,6 +189,16 @@ def check(model: GPT, files: dict[str, Path], n_tokens: int = 8) -> None:
         ours = model(ids[None])[0].double()
         ours_fp16_gelu = with_fp16_gelu(model)(ids[None])[0].double()
     print(f"our logits on {n_tokens} random token ids: max |logit| {ours.abs().max():.3f}, std {ours.std():.3f}")
+    # No extra buffer types (AMX, repacked weights) for this check: on a CPU with AMX, llama-cpp-python 0.3.36's
+    # q8_0 crashed in them (segmentation fault, 2026-12-03); the plain CPU buffers compute the same function.
+    default_params = llama_cpp.llama_model_default_params
+
+    def plain_buffers():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama.llama_cpp.llama_model_default_params = plain_buffers
     for kind, path in files.items():
         llm = llama_cpp.Llama(str(path), n_ctx=64, n_batch=64, logits_all=True, n_threads=torch.get_num_threads(),
                               type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)

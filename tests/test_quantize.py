@@ -24,6 +24,7 @@ from llm_from_scratch.generate import generate, stream_generate
 from llm_from_scratch.model import GPT, GPTConfig
 from llm_from_scratch.quantize import (
     BF16Linear,
+    F32Linear,
     Int8Linear,
     dequantize_int8,
     load_quantized,
@@ -163,13 +164,15 @@ def _needs_kernel():
 # width that is no multiple of 16 (the plain loops).
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16])
 @pytest.mark.parametrize("kind,in_features,group_size", [("int8", 64, 16), ("int8", 96, 32), ("int8", 64, None),
-                                                         ("int8", 24, 8), ("bf16", 64, None), ("bf16", 24, None)])
+                                                         ("int8", 24, 8), ("bf16", 64, None), ("bf16", 24, None),
+                                                         ("fp32", 64, None), ("fp32", 24, None)])
 def test_kernel_equals_reference(rows, kind, in_features, group_size):
     _needs_kernel()
     w = _weights(37, in_features, seed=rows)
     for bias in (True, False):
         base = _linear_with(w, bias=bias, seed=rows)
-        layer = Int8Linear.from_linear(base, group_size) if kind == "int8" else BF16Linear.from_linear(base)
+        layer = (Int8Linear.from_linear(base, group_size) if kind == "int8"
+                 else {"bf16": BF16Linear, "fp32": F32Linear}[kind].from_linear(base))
         x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
         with torch.no_grad():
             fast = layer(x)
@@ -295,10 +298,62 @@ def test_greedy_tokens_bf16_match_float32():
     assert torch.equal(generate(bf16, batch, 10, temperature=0.0)[0], generate(model, batch, 10, temperature=0.0)[0])
 
 
+def test_fp32_model_is_the_float32_model_through_the_kernel():
+    # Nothing is rounded: the layers hold the same float32 numbers, so logits agree with
+    # nn.Linear's up to the order of the float32 sums, and the greedy tokens are the same.
+    model = _model(seed=3)
+    fast = quantize_model(model, "fp32")
+    assert fast.quantization == {"dtype": "fp32", "group_size": None}
+    assert isinstance(fast.lm_head, F32Linear) and torch.equal(fast.lm_head.weight, model.lm_head.weight)
+    prompt = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        difference = (fast(prompt) - model(prompt)).abs().max()
+    assert float(difference) < 1e-4
+    fp32_steps = list(stream_generate(model, prompt, 40, temperature=0.0, return_logits=True))
+    fast_steps = list(stream_generate(fast, prompt, 40, temperature=0.0, return_logits=True))
+    for (token, logits), (token_fast, logits_fast) in zip(fp32_steps, fast_steps, strict=True):
+        torch.testing.assert_close(logits_fast, logits, rtol=0, atol=1e-4)
+        assert torch.equal(token, token_fast)
+
+
+@pytest.mark.parametrize("kind", ["int8", "bf16", "fp32"])
+def test_decode_block_short_path_equals_block_forward(kind, monkeypatch):
+    # The short path runs Block.forward's operations in the same order: the same logits to the
+    # last bit, at batch 1 and 3; checked against the blocks with the short path switched off.
+    # The attention module's own forward runs only for the prompt when the short path is on.
+    _needs_kernel()
+    from llm_from_scratch.attention import MultiHeadAttention
+
+    fast = quantize_model(_model(seed=1), kind)
+    assert all(type(block) is quantize.DecodeBlock for block in fast.transformer.h)
+    calls = []
+    original = MultiHeadAttention.forward
+
+    def counting(self, x, **kwargs):
+        calls.append(x.shape[1])
+        return original(self, x, **kwargs)
+
+    monkeypatch.setattr(MultiHeadAttention, "forward", counting)
+    layers = len(fast.transformer.h)
+    for prompt in (torch.tensor([[1, 2, 3, 4, 5]]), torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [3, 3, 3, 3, 3]])):
+        short = list(stream_generate(fast, prompt, 12, temperature=0.0, return_logits=True))
+        assert calls == [5] * layers  # the prompt only: the 11 decode steps took the short path
+        calls.clear()
+        quantize.DecodeBlock.short_path = False
+        try:
+            plain = list(stream_generate(fast, prompt, 12, temperature=0.0, return_logits=True))
+        finally:
+            quantize.DecodeBlock.short_path = True
+        assert calls == [5] * layers + [1] * (11 * layers)
+        calls.clear()
+        for (token, logits), (token_plain, logits_plain) in zip(short, plain, strict=True):
+            assert torch.equal(logits, logits_plain) and torch.equal(token, token_plain)
+
+
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["int8", "bf16"])
+@pytest.mark.parametrize("kind", ["int8", "bf16", "fp32"])
 def test_save_and_load_round_trip(tmp_path, kind):
     model = quantize_model(_model(), kind)
     path = save_quantized(model, tmp_path / "model.safetensors", tokenizer={"path": "t.json", "sha256": "ab",
@@ -371,7 +426,7 @@ def test_generate_command_quantizes(tmp_path):
 # --------------------------------------------------------------------------------------------
 def test_bad_input_errors():
     model = _model()
-    with pytest.raises(ValueError, match=r"dtype must be one of \('int8', 'bf16'\), got 'int4'"):
+    with pytest.raises(ValueError, match=r"dtype must be one of \('int8', 'bf16', 'fp32'\), got 'int4'"):
         quantize_model(model, "int4")
     with pytest.raises(ValueError, match=r"group_size=24 does not divide the 64 input features of layer "
                                          r"'transformer.h.0.attn.c_attn'"):

@@ -9,6 +9,7 @@
 //
 //   int8:  W[n, k] = q[n, k] * s[n, k / G]   q int8 in [-127, 127], s float16, G the group size
 //   bf16:  W[n, k] = the bfloat16 weight widened to float32 (exact: its top 16 bits)
+//   fp32:  W[n, k] as it is (the same loops, so that float32 weights get the same prefetching and threads)
 //
 // Output rows are shared among PyTorch's threads (at::parallel_for, OpenMP). With AVX-512 (the
 // course's AMD EPYC) the inner loop uses 512-bit registers; elsewhere plain loops that the compiler
@@ -23,8 +24,10 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #define LLMFS_AVX512 1
 #else
 #define LLMFS_AVX512 0
@@ -38,7 +41,13 @@ constexpr int64_t kMaxRows = 8;  // token vectors per pass over a weight row (mo
 // course's machine, with it 15-21, a plain torch sum reads 21; benchmarks/RESULTS.md).
 constexpr int64_t kPrefetchBytes = 8192;
 
+#if defined(__F16C__)
+// One instruction (F16C) instead of c10::Half's bit manipulation: a scale per group is converted
+// for every row, in the inner loop of int8_rows.
+inline float half_to_float(const at::Half h) { return _cvtsh_ss(h.x); }
+#else
 inline float half_to_float(const at::Half h) { return static_cast<float>(h); }
+#endif
 
 #if LLMFS_AVX512
 // 16 int8 weights -> 16 floats
@@ -93,6 +102,22 @@ void bf16_rows(const uint16_t* w16, const float* x, float* y, const float* b, in
     for (int m = 0; m < M; ++m) y[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + (b ? b[n + r] : 0.f);
 }
 
+template <int R, int M>
+void f32_rows(const float* w, const float* x, float* y, const float* b, int64_t n, int64_t N, int64_t K, int64_t x_stride) {
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (n + r) * K + k) + kPrefetchBytes, _MM_HINT_T0);
+      const __m512 wv = _mm512_loadu_ps(w + (n + r) * K + k);
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * x_stride + k), acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) y[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + (b ? b[n + r] : 0.f);
+}
+
 // Rows n0..n1 for M vectors: R rows at a time (fewer rows when M is large), then the leftover rows.
 template <int M>
 void int8_block(const int8_t* q, const at::Half* s, const float* x, float* y, const float* b, int64_t n0, int64_t n1, int64_t N,
@@ -110,6 +135,15 @@ void bf16_block(const uint16_t* w, const float* x, float* y, const float* b, int
   int64_t n = n0;
   for (; n + R <= n1; n += R) bf16_rows<R, M>(w, x, y, b, n, N, K, x_stride);
   for (; n < n1; ++n) bf16_rows<1, M>(w, x, y, b, n, N, K, x_stride);
+}
+
+template <int M>
+void f32_block(const float* w, const float* x, float* y, const float* b, int64_t n0, int64_t n1, int64_t N, int64_t K,
+               int64_t x_stride) {
+  constexpr int R = M <= 4 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) f32_rows<R, M>(w, x, y, b, n, N, K, x_stride);
+  for (; n < n1; ++n) f32_rows<1, M>(w, x, y, b, n, N, K, x_stride);
 }
 
 template <typename F>
@@ -153,6 +187,16 @@ void bf16_plain(const uint16_t* w, const float* x, float* y, const float* b, int
         std::memcpy(&wf, &bits, sizeof wf);
         total += wf * x[m * K + k];
       }
+      y[m * N + n] = total + (b ? b[n] : 0.f);
+    }
+}
+
+void f32_plain(const float* w, const float* x, float* y, const float* b, int64_t n0, int64_t n1, int64_t M, int64_t N,
+               int64_t K) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float total = 0.f;
+      for (int64_t k = 0; k < K; ++k) total += w[n * K + k] * x[m * K + k];
       y[m * N + n] = total + (b ? b[n] : 0.f);
     }
 }
@@ -229,6 +273,32 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
   return y;
 }
 
+at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  check_inputs(x, weight, bias);
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, "f32_linear: weight must be float32");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* w = weight.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  at::parallel_for(0, N, grain(K, 4), [&](int64_t n0, int64_t n1) {
+#if LLMFS_AVX512
+    if (K % 16 == 0) {
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        const int64_t rows = std::min(kMaxRows, M - m0);
+        dispatch_rows(rows, [&](auto m) {
+          f32_block<decltype(m)::value>(w, xp + m0 * K, yp + m0 * N, bp, n0, n1, N, K, K);
+        });
+      }
+      return;
+    }
+#endif
+    f32_plain(w, xp, yp, bp, n0, n1, M, N, K);
+  });
+  return y;
+}
+
 // Which inner loop this build uses: "avx512" or "plain"; Python checks that the CPU runs it.
 std::string isa() { return LLMFS_AVX512 ? "avx512" : "plain"; }
 
@@ -237,12 +307,14 @@ std::string isa() { return LLMFS_AVX512 ? "avx512" : "plain"; }
 TORCH_LIBRARY(llm_from_scratch_quantized, m) {
   m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("f32_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("isa() -> str");
 }
 
 TORCH_LIBRARY_IMPL(llm_from_scratch_quantized, CPU, m) {
   m.impl("int8_linear", int8_linear);
   m.impl("bf16_linear", bf16_linear);
+  m.impl("f32_linear", f32_linear);
 }
 
 TORCH_LIBRARY_IMPL(llm_from_scratch_quantized, CompositeExplicitAutograd, m) {
