@@ -86,31 +86,21 @@ void int8_rows(const int8_t* q, const at::Half* s, const float* x, float* y, con
     for (int m = 0; m < M; ++m) y[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + (b ? b[n + r] : 0.f);
 }
 
-template <int R, int M>
-void bf16_rows(const uint16_t* w16, const float* x, float* y, const float* b, int64_t n, int64_t N, int64_t K, int64_t x_stride) {
-  __m512 acc[R][M];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    for (int r = 0; r < R; ++r) {
-      if (k % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(w16 + (n + r) * K + k) + kPrefetchBytes, _MM_HINT_T0);
-      const __m512 w = load_bf16(w16 + (n + r) * K + k);
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * x_stride + k), acc[r][m]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) y[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + (b ? b[n + r] : 0.f);
-}
+// 16 float32 weights as they are (the dense loops below load either format through load_dense)
+inline __m512 load_dense(const uint16_t* p) { return load_bf16(p); }
+inline __m512 load_dense(const float* p) { return _mm512_loadu_ps(p); }
 
-template <int R, int M>
-void f32_rows(const float* w, const float* x, float* y, const float* b, int64_t n, int64_t N, int64_t K, int64_t x_stride) {
+// bfloat16 (T = uint16_t) or float32 weights: as int8_rows without the scales.
+template <typename T, int R, int M>
+void dense_rows(const T* w, const float* x, float* y, const float* b, int64_t n, int64_t N, int64_t K, int64_t x_stride) {
+  constexpr int64_t kPerLine = 64 / sizeof(T);  // weights per 64-byte cache line: one prefetch each
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
     for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + (n + r) * K + k) + kPrefetchBytes, _MM_HINT_T0);
-      const __m512 wv = _mm512_loadu_ps(w + (n + r) * K + k);
+      if (k % kPerLine == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (n + r) * K + k) + kPrefetchBytes, _MM_HINT_T0);
+      const __m512 wv = load_dense(w + (n + r) * K + k);
       for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * x_stride + k), acc[r][m]);
     }
   }
@@ -128,22 +118,13 @@ void int8_block(const int8_t* q, const at::Half* s, const float* x, float* y, co
   for (; n < n1; ++n) int8_rows<1, M>(q, s, x, y, b, n, N, K, G, x_stride);
 }
 
-template <int M>
-void bf16_block(const uint16_t* w, const float* x, float* y, const float* b, int64_t n0, int64_t n1, int64_t N, int64_t K,
-                int64_t x_stride) {
+template <typename T, int M>
+void dense_block(const T* w, const float* x, float* y, const float* b, int64_t n0, int64_t n1, int64_t N, int64_t K,
+                 int64_t x_stride) {
   constexpr int R = M <= 4 ? 4 : 2;
   int64_t n = n0;
-  for (; n + R <= n1; n += R) bf16_rows<R, M>(w, x, y, b, n, N, K, x_stride);
-  for (; n < n1; ++n) bf16_rows<1, M>(w, x, y, b, n, N, K, x_stride);
-}
-
-template <int M>
-void f32_block(const float* w, const float* x, float* y, const float* b, int64_t n0, int64_t n1, int64_t N, int64_t K,
-               int64_t x_stride) {
-  constexpr int R = M <= 4 ? 4 : 2;
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) f32_rows<R, M>(w, x, y, b, n, N, K, x_stride);
-  for (; n < n1; ++n) f32_rows<1, M>(w, x, y, b, n, N, K, x_stride);
+  for (; n + R <= n1; n += R) dense_rows<T, R, M>(w, x, y, b, n, N, K, x_stride);
+  for (; n < n1; ++n) dense_rows<T, 1, M>(w, x, y, b, n, N, K, x_stride);
 }
 
 template <typename F>
@@ -247,56 +228,58 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   return y;
 }
 
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  check_inputs(x, weight, bias);
-  TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "bf16_linear: weight must be bfloat16");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+// What bf16_linear and f32_linear share: the output, the threads, and the AVX-512 blocks or the plain loops
+// (Blocks: a generic lambda taking the number of vectors as a compile-time constant).
+template <typename T, typename Blocks, typename Plain>
+at::Tensor dense_linear(const at::Tensor& x, const T* w, int64_t N, const c10::optional<at::Tensor>& bias,
+                        Blocks&& blocks, Plain&& plain) {
+  const int64_t M = x.size(0), K = x.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
-  const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  at::parallel_for(0, N, grain(K, 2), [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, grain(K, sizeof(T)), [&](int64_t n0, int64_t n1) {
 #if LLMFS_AVX512
     if (K % 16 == 0) {
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
         const int64_t rows = std::min(kMaxRows, M - m0);
-        dispatch_rows(rows, [&](auto m) {
-          bf16_block<decltype(m)::value>(w, xp + m0 * K, yp + m0 * N, bp, n0, n1, N, K, K);
-        });
+        dispatch_rows(rows, [&](auto m) { blocks(m, w, xp + m0 * K, yp + m0 * N, bp, n0, n1, N, K); });
       }
       return;
     }
 #endif
-    bf16_plain(w, xp, yp, bp, n0, n1, M, N, K);
+    plain(w, xp, yp, bp, n0, n1, M, N, K);
   });
   return y;
+}
+
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  check_inputs(x, weight, bias);
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "bf16_linear: weight must be bfloat16");
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  return dense_linear(
+      x, w, weight.size(0), bias,
+      [](auto m, const uint16_t* w, const float* x, float* y, const float* b, int64_t n0, int64_t n1, int64_t N,
+         int64_t K) {
+#if LLMFS_AVX512
+        dense_block<uint16_t, decltype(m)::value>(w, x, y, b, n0, n1, N, K, K);
+#endif
+      },
+      bf16_plain);
 }
 
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   check_inputs(x, weight, bias);
   TORCH_CHECK(weight.scalar_type() == at::kFloat, "f32_linear: weight must be float32");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* w = weight.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  at::parallel_for(0, N, grain(K, 4), [&](int64_t n0, int64_t n1) {
+  return dense_linear(
+      x, weight.data_ptr<float>(), weight.size(0), bias,
+      [](auto m, const float* w, const float* x, float* y, const float* b, int64_t n0, int64_t n1, int64_t N,
+         int64_t K) {
 #if LLMFS_AVX512
-    if (K % 16 == 0) {
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-        const int64_t rows = std::min(kMaxRows, M - m0);
-        dispatch_rows(rows, [&](auto m) {
-          f32_block<decltype(m)::value>(w, xp + m0 * K, yp + m0 * N, bp, n0, n1, N, K, K);
-        });
-      }
-      return;
-    }
+        dense_block<float, decltype(m)::value>(w, x, y, b, n0, n1, N, K, K);
 #endif
-    f32_plain(w, xp, yp, bp, n0, n1, M, N, K);
-  });
-  return y;
+      },
+      f32_plain);
 }
 
 // Which inner loop this build uses: "avx512" or "plain"; Python checks that the CPU runs it.
