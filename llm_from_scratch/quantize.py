@@ -353,14 +353,16 @@ class DecodeBlock(Block):
     """GPT's ``Block`` with a shorter path for one decode step; ``quantize_model`` gives its blocks this class.
 
     A decode step of a few sequences runs about a dozen small operations per layer besides the
-    four products, and on the CPU their Python and dispatch cost (microseconds each) adds up
-    to a few milliseconds per step, a large share of a step whose products take 5-10 ms (the
-    chapter "Fast generation" profiles it). For one new token per sequence after cached ones
-    (no padding mask, eval mode, kernel-sized batches) this ``forward`` calls the kernel's
-    products directly and splits the heads with one view, skipping the modules' calls and
-    checks; the operations and their order are ``Block.forward``'s, so the result is the same
-    to the last bit (``tests/test_quantize.py`` checks it). Anything else runs
-    ``Block.forward``.
+    four products, and on the CPU their Python and dispatch cost adds up to milliseconds per
+    step (microseconds per call, several times that right after the products have streamed
+    their weights through the caches): a large share of a step whose products take 5-10 ms
+    (the chapter "Fast generation" profiles it). For one new token per sequence after cached
+    ones (no padding mask, eval mode, no gradients, at most ``KERNEL_MAX_ROWS`` float32 CPU
+    rows, PyTorch's attention (``use_sdpa``), the kernel built and every linear layer a kernel
+    layer) this ``forward`` calls the kernel's products directly and splits the heads with one
+    view, skipping the modules' calls and checks; the operations and their order are
+    ``Block.forward``'s, so the result is the same to the last bit (``tests/test_quantize.py``
+    checks it). Anything else runs ``Block.forward``.
     """
 
     #: ``False`` (on the class or a block) sends every step through ``Block.forward``.
@@ -372,8 +374,9 @@ class DecodeBlock(Block):
         layers = (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
         ops = kernels() if self.short_path else None
         if (ops is None or T != 1 or kv_cache is None or len(kv_cache) == 0 or padding_mask is not None
-                or self.training or B > KERNEL_MAX_ROWS or x.dtype != torch.float32 or x.device.type != "cpu"
-                or torch.is_grad_enabled() or not all(isinstance(m, _QuantizedLinear) and m.use_kernel for m in layers)):
+                or self.training or not attn.use_sdpa or B > KERNEL_MAX_ROWS or x.dtype != torch.float32
+                or x.device.type != "cpu" or torch.is_grad_enabled()
+                or not all(isinstance(m, _QuantizedLinear) and m.use_kernel for m in layers)):
             return super().forward(x, kv_cache=kv_cache, padding_mask=padding_mask)
         c_attn, c_proj, c_fc, mlp_proj = layers
         H, D = attn.n_heads, attn.head_dim

@@ -348,6 +348,9 @@ def test_decode_block_short_path_equals_block_forward(kind, monkeypatch):
         calls.clear()
         for (token, logits), (token_plain, logits_plain) in zip(short, plain, strict=True):
             assert torch.equal(logits, logits_plain) and torch.equal(token, token_plain)
+    explicit = quantize_model(_model(seed=1, use_sdpa=False), kind)  # our own attention: always the modules
+    list(stream_generate(explicit, prompt, 3, temperature=0.0))
+    assert calls == [5] * layers + [1] * (2 * layers)
 
 
 # --------------------------------------------------------------------------------------------
