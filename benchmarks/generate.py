@@ -131,6 +131,23 @@ def gguf_weight_bytes(path: Path) -> int:
     return sum(int(t.n_bytes) for name, t in tensors.items() if name not in skip)
 
 
+def without_extra_buffers(llama_cpp) -> None:
+    """Make every ``llama_cpp.Llama`` created from now on load its weights without extra buffer types.
+
+    Extra buffer types are llama.cpp's AMX and repacked-weight layouts. On a CPU with AMX, llama-cpp-python 0.3.36's
+    q8_0 crashed in them (segmentation fault, 2026-12-03); the plain CPU buffers compute the same function.
+    ``Llama`` takes no argument for it, so the default model parameters it starts from are wrapped.
+    """
+    default_params = llama_cpp.llama_model_default_params
+
+    def plain_buffers():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama.llama_cpp.llama_model_default_params = plain_buffers
+
+
 def llama_cpp_rows(args, model: GPT, formats: list[str]) -> dict:
     """``{row name: (our format, Llama, weight bytes)}`` of the llama.cpp rows, or ``{}`` with a line saying why."""
     if args.no_llama_cpp:
@@ -152,14 +169,7 @@ def llama_cpp_rows(args, model: GPT, formats: list[str]) -> dict:
         extra_buffers = "off" if has_amx else "on"
     if extra_buffers == "off":
         print("llama.cpp rows: extra buffer types off (no AMX or repacked weights: use_extra_bufts=False)")
-        default_params = llama_cpp.llama_model_default_params
-
-        def plain_buffers():
-            params = default_params()
-            params.use_extra_bufts = False
-            return params
-
-        llama_cpp.llama.llama_cpp.llama_model_default_params = plain_buffers
+        without_extra_buffers(llama_cpp)
     gguf_dir = args.gguf_dir or ROOT / "artifacts" / "bench"
     files = {name: gguf_dir / f"{args.preset}-seed{args.seed}-{LLAMA_CPP_TYPES[name]}.gguf"
              for name in formats if name in LLAMA_CPP_TYPES}

@@ -218,7 +218,7 @@ def kernels() -> Any:
 # The layers
 # --------------------------------------------------------------------------------------------
 class _QuantizedLinear(nn.Module):
-    """What both formats share: shapes, bias, and the choice between the kernel and the reference."""
+    """What every format shares: shapes, bias, and the choice between the kernel and the reference."""
 
     #: ``False`` on an instance (or the class) sends every product to the reference.
     use_kernel: bool = True
@@ -289,18 +289,22 @@ class Int8Linear(_QuantizedLinear):
                 f"group_size={self.group_size}")
 
 
-class BF16Linear(_QuantizedLinear):
-    """A linear layer with bfloat16 weights (``weight`` ``(out, in)``) and a float32 bias; inference only."""
+class _DenseLinear(_QuantizedLinear):
+    """What ``BF16Linear`` and ``F32Linear`` share: one ``weight`` ``(out, in)`` in ``weight_dtype``, no scales."""
+
+    #: The weight's dtype and the kernel op that multiplies it (set by each subclass).
+    weight_dtype: torch.dtype
+    kernel_op: str
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias)
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.bfloat16))
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=self.weight_dtype))
 
     @classmethod
-    def from_linear(cls, layer: nn.Linear) -> BF16Linear:
-        """The bfloat16 version of ``layer``: its weight rounded to nearest bfloat16, its bias kept in float32."""
+    def from_linear(cls, layer: nn.Linear) -> _DenseLinear:
+        """``layer`` with its weight copied in ``weight_dtype`` (bfloat16: rounded to nearest), its bias in float32."""
         new = cls(layer.in_features, layer.out_features, layer.bias is not None)
-        new.weight = layer.weight.detach().to(torch.bfloat16).contiguous()
+        new.weight = layer.weight.detach().to(cls.weight_dtype, copy=True).contiguous()
         if layer.bias is not None:
             new.bias = layer.bias.detach().float().clone()
         return new.to(layer.weight.device)
@@ -309,13 +313,20 @@ class BF16Linear(_QuantizedLinear):
         return self.weight.float()
 
     def _kernel_product(self, ops: Any, x: Tensor) -> Tensor:
-        return ops.bf16_linear(x, self.weight, self._bias_arg())
+        return getattr(ops, self.kernel_op)(x, self.weight, self._bias_arg())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class F32Linear(_QuantizedLinear):
+class BF16Linear(_DenseLinear):
+    """A linear layer with bfloat16 weights (``weight`` ``(out, in)``) and a float32 bias; inference only."""
+
+    weight_dtype = torch.bfloat16
+    kernel_op = "bf16_linear"
+
+
+class F32Linear(_DenseLinear):
     """A linear layer with its float32 weight unchanged (``weight`` ``(out, in)``), multiplied by the kernel.
 
     Nothing is rounded: it is ``nn.Linear``'s function for inference, with the kernel's
@@ -323,27 +334,8 @@ class F32Linear(_QuantizedLinear):
     the float32 row of a benchmark measures the format, not a different product).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
-        super().__init__(in_features, out_features, bias)
-        self.register_buffer("weight", torch.zeros(out_features, in_features))
-
-    @classmethod
-    def from_linear(cls, layer: nn.Linear) -> F32Linear:
-        """``layer``'s weight and bias, copied as float32."""
-        new = cls(layer.in_features, layer.out_features, layer.bias is not None)
-        new.weight = layer.weight.detach().float().clone().contiguous()
-        if layer.bias is not None:
-            new.bias = layer.bias.detach().float().clone()
-        return new.to(layer.weight.device)
-
-    def dequantize(self) -> Tensor:
-        return self.weight
-
-    def _kernel_product(self, ops: Any, x: Tensor) -> Tensor:
-        return ops.f32_linear(x, self.weight, self._bias_arg())
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+    weight_dtype = torch.float32
+    kernel_op = "f32_linear"
 
 
 _LAYER_TYPES = {"int8": Int8Linear, "bf16": BF16Linear, "fp32": F32Linear}

@@ -54,12 +54,12 @@ def benchmark_model(preset: str, seed: int) -> GPT:
     return GPT(getattr(GPTConfig, preset)()).eval()
 
 
-def _to_hf():
-    """``to_hf`` of ``benchmarks/generate.py`` (a script, not a package: loaded from its file)."""
+def _benchmark():
+    """``benchmarks/generate.py`` as a module (a script, not a package: loaded from its file)."""
     spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "benchmarks" / "generate.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.to_hf
+    return module
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -121,7 +121,7 @@ def write_tokenizer(folder: Path) -> None:
 def save_hf(model: GPT, folder: Path) -> None:
     """The model as a Hugging Face GPT-2 folder with its tokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
-    hf = _to_hf()(model)
+    hf = _benchmark().to_hf(model)
     hf.save_pretrained(folder, safe_serialization=True)
     config = json.loads((folder / "config.json").read_text())
     config["n_ctx"] = model.config.context_length  # OpenAI's GPT-2 configs have it; the converter reads it
@@ -189,16 +189,7 @@ def check(model: GPT, files: dict[str, Path], n_tokens: int = 8) -> None:
         ours = model(ids[None])[0].double()
         ours_fp16_gelu = with_fp16_gelu(model)(ids[None])[0].double()
     print(f"our logits on {n_tokens} random token ids: max |logit| {ours.abs().max():.3f}, std {ours.std():.3f}")
-    # No extra buffer types (AMX, repacked weights) for this check: on a CPU with AMX, llama-cpp-python 0.3.36's
-    # q8_0 crashed in them (segmentation fault, 2026-12-03); the plain CPU buffers compute the same function.
-    default_params = llama_cpp.llama_model_default_params
-
-    def plain_buffers():
-        params = default_params()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama.llama_cpp.llama_model_default_params = plain_buffers
+    _benchmark().without_extra_buffers(llama_cpp)  # no AMX or repacked weights for this check: they crashed with q8_0
     for kind, path in files.items():
         llm = llama_cpp.Llama(str(path), n_ctx=64, n_batch=64, logits_all=True, n_threads=torch.get_num_threads(),
                               type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)

@@ -228,11 +228,9 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   return y;
 }
 
-// What bf16_linear and f32_linear share: the output, the threads, and the AVX-512 blocks or the plain loops
-// (Blocks: a generic lambda taking the number of vectors as a compile-time constant).
-template <typename T, typename Blocks, typename Plain>
-at::Tensor dense_linear(const at::Tensor& x, const T* w, int64_t N, const c10::optional<at::Tensor>& bias,
-                        Blocks&& blocks, Plain&& plain) {
+// What bf16_linear and f32_linear share: the output, the threads, and the AVX-512 blocks or the plain loops.
+template <typename T, typename Plain>
+at::Tensor dense_linear(const at::Tensor& x, const T* w, int64_t N, const c10::optional<at::Tensor>& bias, Plain plain) {
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -243,7 +241,9 @@ at::Tensor dense_linear(const at::Tensor& x, const T* w, int64_t N, const c10::o
     if (K % 16 == 0) {
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
         const int64_t rows = std::min(kMaxRows, M - m0);
-        dispatch_rows(rows, [&](auto m) { blocks(m, w, xp + m0 * K, yp + m0 * N, bp, n0, n1, N, K); });
+        dispatch_rows(rows, [&](auto m) {
+          dense_block<T, decltype(m)::value>(w, xp + m0 * K, yp + m0 * N, bp, n0, n1, N, K, K);
+        });
       }
       return;
     }
@@ -257,29 +257,13 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
   check_inputs(x, weight, bias);
   TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "bf16_linear: weight must be bfloat16");
   const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  return dense_linear(
-      x, w, weight.size(0), bias,
-      [](auto m, const uint16_t* w, const float* x, float* y, const float* b, int64_t n0, int64_t n1, int64_t N,
-         int64_t K) {
-#if LLMFS_AVX512
-        dense_block<uint16_t, decltype(m)::value>(w, x, y, b, n0, n1, N, K, K);
-#endif
-      },
-      bf16_plain);
+  return dense_linear(x, w, weight.size(0), bias, bf16_plain);
 }
 
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   check_inputs(x, weight, bias);
   TORCH_CHECK(weight.scalar_type() == at::kFloat, "f32_linear: weight must be float32");
-  return dense_linear(
-      x, weight.data_ptr<float>(), weight.size(0), bias,
-      [](auto m, const float* w, const float* x, float* y, const float* b, int64_t n0, int64_t n1, int64_t N,
-         int64_t K) {
-#if LLMFS_AVX512
-        dense_block<float, decltype(m)::value>(w, x, y, b, n0, n1, N, K, K);
-#endif
-      },
-      f32_plain);
+  return dense_linear(x, weight.data_ptr<float>(), weight.size(0), bias, f32_plain);
 }
 
 // Which inner loop this build uses: "avx512" or "plain"; Python checks that the CPU runs it.
