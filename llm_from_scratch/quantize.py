@@ -577,7 +577,7 @@ def _cmd_quantize(args) -> int:
 
 def add_quantize_parser(subparsers) -> None:
     """Register ``quantize`` on the ``subparsers`` of ``python -m llm_from_scratch``."""
-    p = subparsers.add_parser("quantize", help="write a checkpoint's model with int8 or bfloat16 weights",
+    p = subparsers.add_parser("quantize", help="write a checkpoint's model with int8, bfloat16 or kernel-layer float32 weights",
                               description="Quantize a training checkpoint's model and save it (safetensors).")
     p.add_argument("--checkpoint", type=Path, required=True, help="run folder (or its checkpoint.safetensors)")
     p.add_argument("--dtype", choices=DTYPES, default="int8",
