@@ -13,13 +13,19 @@ NOTEBOOKS := $(sort $(wildcard chapters/[0-9][0-9]_*.ipynb))
 export TQDM_DISABLE := 1
 export PYTHONHASHSEED := 0
 JB := $(BIN)/jupyter-book
+# Portable float32: the chapters' committed outputs are reproduced bit for bit on any x86-64 CPU
+# with AVX2, Intel or AMD (llm_from_scratch.utils.portable_math and PORTABLE_MATH_ENV say why and
+# how; a test checks that the two lists agree). nbval and execute run under it.
+PORTABLE := LLM_FROM_SCRATCH_PORTABLE=1 ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AVX2 \
+  MKL_DYNAMIC=FALSE OMP_DYNAMIC=FALSE
 
-.PHONY: help book test venv venv-dev lint unit nbval smoke html pdf book-tests execute clean
+.PHONY: help book test venv venv-dev lint unit nbval smoke html pdf book-tests execute timings clean
 
 help:
 	@echo "make book     build the HTML and PDF book (creates .venv)"
 	@echo "make test     linter, unit tests, notebooks (nbval + papermill), book, browser and PDF checks"
 	@echo "make execute  re-execute chapters in place [NB=chapters/xx.ipynb] [PARAMS='-p name value']"
+	@echo "make timings  re-measure the cells tagged timing [NB=chapters/xx.ipynb]"
 	@echo "make lint | unit | nbval | smoke | html | pdf | book-tests   single steps"
 
 # --- environment ----------------------------------------------------------------------------
@@ -76,7 +82,7 @@ unit: venv-dev
 # Every chapter at its default parameters; outputs of cells tagged nbval-check-output must match.
 nbval: venv-dev
 	rm -rf _build/artifacts-nbval
-	LLM_FROM_SCRATCH_ARTIFACTS=$(CURDIR)/_build/artifacts-nbval \
+	$(PORTABLE) LLM_FROM_SCRATCH_ARTIFACTS=$(CURDIR)/_build/artifacts-nbval \
 	  $(BIN)/pytest --nbval-lax --nbval-sanitize-with nbval_sanitize.cfg --nbval-cell-timeout 900 \
 	  -p no:cacheprovider -q $(NOTEBOOKS)
 
@@ -101,8 +107,13 @@ test: venv-dev
 # --- maintenance ------------------------------------------------------------------------------
 NB ?= $(NOTEBOOKS)
 PARAMS ?=
+# In portable mode; the cells tagged `timing` keep their measurements, which `make timings` takes
+# from a run as a learner makes it (no portable mode).
 execute: venv
-	$(BIN)/python scripts/execute_notebooks.py $(NB) $(PARAMS)
+	$(PORTABLE) $(BIN)/python scripts/execute_notebooks.py $(NB) $(PARAMS) --timing keep
+
+timings: venv
+	$(BIN)/python scripts/execute_notebooks.py $(NB) $(PARAMS) --timing only
 
 clean:
 	rm -rf _build artifacts

@@ -16,7 +16,9 @@ like running on another number of threads). Anything else goes to ``F.linear``: 
 dtypes, autocast, ``torch.compile`` (whose compiler chooses for itself), tensor subclasses
 (``DTensor``), a PyTorch built without oneDNN, and processors that are not x86-64.
 
-It does not fuse anything into the product nor lower its precision.
+It does not fuse anything into the product nor lower its precision. With
+``LLM_FROM_SCRATCH_PORTABLE=1`` (``utils.portable_math``: the same bits on every x86-64 CPU, for
+the course's tests) every product goes to ``F.linear``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from llm_from_scratch.utils import portable_math
 
 #: oneDNN is built into this PyTorch, exposes the product ``Linear`` calls, and the CPU is x86-64.
 ONEDNN_AVAILABLE: bool = (
@@ -83,6 +87,7 @@ def runs_on_onednn(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> boo
     """Whether ``linear(x, weight, bias)`` runs on oneDNN (see the module's docstring)."""
     return (
         ONEDNN_AVAILABLE
+        and not portable_math()
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm_from_scratch.model import Block
+from llm_from_scratch.utils import portable_math
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +175,8 @@ def _build_kernels() -> Any:
     source = _SOURCE.read_bytes()
     flags = ["-O3", "-fopenmp"]
     if platform.machine().lower() in {"x86_64", "amd64"}:
-        flags.append("-march=native")
+        # portable_math(): the same instructions, so the same sums, on every x86-64 CPU with AVX2
+        flags.append("-march=x86-64-v3" if portable_math() else "-march=native")
     key = hashlib.sha256(source + torch.__version__.encode() + " ".join(flags).encode()
                          + _cpu_fingerprint().encode()).hexdigest()[:16]
     name = f"llm_from_scratch_quantized_{key}"

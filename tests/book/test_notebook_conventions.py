@@ -209,3 +209,12 @@ def test_every_code_cell_was_executed(notebook):
            if c["cell_type"] == "code" and _source(c).strip() and c.get("execution_count") is None
            and not exempt & set(_tags(c))]
     assert not bad, "code cells committed without being executed:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("notebook", CHAPTERS, ids=IDS)
+def test_timing_cells_are_not_checked(notebook):
+    """``timing`` cells keep measurements from a run outside portable mode (``make timings``): never compared."""
+    nb = _load(notebook)
+    bad = [_where(notebook, i, c) for i, c in enumerate(nb["cells"])
+           if {"timing", "nbval-check-output"} <= set(_tags(c))]
+    assert not bad, "cells tagged both timing and nbval-check-output:\n" + "\n".join(bad)
