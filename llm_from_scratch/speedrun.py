@@ -43,7 +43,7 @@ from llm_from_scratch.data import CharTokenizer, get_batch, load_documents, shak
 from llm_from_scratch.model import GPT, GPTConfig
 from llm_from_scratch.modern import ModernConfig, TransformerLM
 from llm_from_scratch.train import bits_per_char, configure_optimizer, lr_at, train_step
-from llm_from_scratch.utils import artifacts_dir, get_device, seed_everything
+from llm_from_scratch.utils import artifacts_dir, get_device, portable_math, seed_everything
 
 SCHEDULES = ("wsd", "cosine")
 CLOCKS = ("wall", "cpu")
@@ -180,7 +180,9 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> tor
     """The autocast dtype for ``precision`` (``None``: plain fp32).
 
     ``"auto"``: bf16 on a CUDA GPU that supports it and on a CPU with bf16 instructions
-    (``cpu_supports_bf16``), fp32 elsewhere. ``"bf16"`` forces autocast, ``"fp32"`` turns it off.
+    (``cpu_supports_bf16``), fp32 elsewhere, and fp32 on any CPU in portable mode
+    (``utils.portable_math``: bf16 products run on instructions some CPUs have and others lack).
+    ``"bf16"`` forces autocast, ``"fp32"`` turns it off.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -191,7 +193,7 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> tor
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if device.type == "cpu" and cpu_supports_bf16() else None
+    return torch.bfloat16 if device.type == "cpu" and cpu_supports_bf16() and not portable_math() else None
 
 
 # --------------------------------------------------------------------------------------------

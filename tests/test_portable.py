@@ -127,3 +127,16 @@ def test_merge_outputs_keeps_the_right_cells(tmp_path, take_tagged, expected):
     _notebook(new, {"a": "new a", "t": "new t"}, {"t"})
     execute_notebooks.merge_outputs(new, nbformat.read(old, as_version=4), "timing", take_tagged)
     assert _texts(new) == expected
+
+
+def test_speedrun_trains_in_float32_on_any_cpu_in_portable_mode(monkeypatch):
+    import torch
+
+    from llm_from_scratch import speedrun
+
+    monkeypatch.setattr(speedrun, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setenv(PORTABLE_ENV, "")
+    assert speedrun.resolve_precision("auto", "cpu") is torch.bfloat16
+    monkeypatch.setenv(PORTABLE_ENV, "1")
+    assert speedrun.resolve_precision("auto", "cpu") is None
+    assert speedrun.resolve_precision("bf16", "cpu") is torch.bfloat16  # asked for explicitly: kept
