@@ -134,9 +134,13 @@ def pretrain(
             val_stats=text_stats(data.val_ids, data.tokenizer), callback=callback,
         )
         atomic_write_text(partial / SETTINGS_NAME, json.dumps(dataclasses.asdict(settings), indent=1))
+        # Two renames, then the old run's removal: a chapter loading the run in another process
+        # (a second nbval lane) finds a complete folder at every moment but between the renames.
+        retired = run_dir.with_name(f"{run_dir.name}.old-{os.getpid()}")
         if run_dir.exists():
-            shutil.rmtree(run_dir)
+            os.replace(run_dir, retired)
         os.replace(partial, run_dir)
+        shutil.rmtree(retired, ignore_errors=True)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -22,19 +22,6 @@ _DEVICE_KINDS = ("cuda", "mps", "cpu")
 
 #: Environment variable that overrides where chapters write their files.
 ARTIFACTS_ENV = "LLM_FROM_SCRATCH_ARTIFACTS"
-#: Environment variable that asks for the same float32 bits on every x86-64 CPU (see ``portable_math``).
-PORTABLE_ENV = "LLM_FROM_SCRATCH_PORTABLE"
-#: What ``make nbval`` and ``make execute`` set, beside ``LLM_FROM_SCRATCH_PORTABLE=1``, so that the
-#: committed outputs of the training chapters are reproduced bit for bit on Intel and AMD processors
-#: alike: PyTorch's AVX2 kernels (not AVX-512), MKL's reproducible code path for every x86-64 CPU,
-#: oneDNN's AVX2 code, and a fixed number of threads. They must be set before PyTorch starts.
-PORTABLE_MATH_ENV = {
-    "ATEN_CPU_CAPABILITY": "avx2",
-    "MKL_CBWR": "COMPATIBLE",
-    "ONEDNN_MAX_CPU_ISA": "AVX2",
-    "MKL_DYNAMIC": "FALSE",
-    "OMP_DYNAMIC": "FALSE",
-}
 
 
 def _mps_available() -> bool:
@@ -95,21 +82,6 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
     return torch.Generator().manual_seed(seed)
-
-
-def portable_math() -> bool:
-    """Whether ``$LLM_FROM_SCRATCH_PORTABLE`` is ``1``: float32 results that do not depend on the CPU model.
-
-    Training a model is chaotic: rounding differences of 1e-7, from a processor that sums a
-    product in another order (AVX-512 against AVX2, Intel's libraries against AMD's), grow into a
-    different model after a few hundred steps. In this mode the package's own fast paths step
-    aside for code that gives the same bits on every x86-64 CPU with AVX2: ``Linear`` hands its
-    products to ``F.linear`` (MKL) instead of oneDNN, and the quantized kernels are compiled for
-    plain x86-64-v3 instead of ``-march=native``. With ``PORTABLE_MATH_ENV`` set too (the libraries'
-    own switches), a chapter's outputs are the same on any such machine. It is slower (about 2.5x
-    for training): the course's tests use it, a learner does not need it.
-    """
-    return os.environ.get(PORTABLE_ENV, "") == "1"
 
 
 def artifacts_dir(*parts: str, create: bool = True) -> Path:
@@ -239,3 +211,34 @@ def show_source(obj, *members: str) -> SourceCode:
         parts.append("\n" + "".join(m_lines).rstrip())
     header = f"# {where} ({obj.__name__}: {', '.join(members)})" if where else ""
     return SourceCode("\n".join(parts) + "\n", header)
+
+
+# Portable mode: the same float32 bits on every x86-64 CPU (the course's tests run in it).
+#: Environment variable that asks for the same float32 bits on every x86-64 CPU (see ``portable_math``).
+PORTABLE_ENV = "LLM_FROM_SCRATCH_PORTABLE"
+#: What ``make nbval`` and ``make execute`` set, beside ``LLM_FROM_SCRATCH_PORTABLE=1``, so that the
+#: committed outputs of the training chapters are reproduced bit for bit on Intel and AMD processors
+#: alike: PyTorch's AVX2 kernels (not AVX-512), MKL's reproducible code path for every x86-64 CPU,
+#: oneDNN's AVX2 code, and a fixed number of threads. They must be set before PyTorch starts.
+PORTABLE_MATH_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "COMPATIBLE",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_DYNAMIC": "FALSE",
+    "OMP_DYNAMIC": "FALSE",
+}
+
+
+def portable_math() -> bool:
+    """Whether ``$LLM_FROM_SCRATCH_PORTABLE`` is ``1``: float32 results that do not depend on the CPU model.
+
+    Training a model is chaotic: rounding differences of 1e-7, from a processor that sums a
+    product in another order (AVX-512 against AVX2, Intel's libraries against AMD's), grow into a
+    different model after a few hundred steps. In this mode the package's own fast paths step
+    aside for code that gives the same bits on every x86-64 CPU with AVX2: ``Linear`` hands its
+    products to ``F.linear`` (MKL) instead of oneDNN, and the quantized kernels are compiled for
+    plain x86-64-v3 instead of ``-march=native``. With ``PORTABLE_MATH_ENV`` set too (the libraries'
+    own switches), a chapter's outputs are the same on any such machine. It is slower (about 2.5x
+    for training): the course's tests use it, a learner does not need it.
+    """
+    return os.environ.get(PORTABLE_ENV, "") == "1"
