@@ -218,3 +218,30 @@ def test_timing_cells_are_not_checked(notebook):
     bad = [_where(notebook, i, c) for i, c in enumerate(nb["cells"])
            if {"timing", "nbval-check-output"} <= set(_tags(c))]
     assert not bad, "cells tagged both timing and nbval-check-output:\n" + "\n".join(bad)
+
+
+SHOWN_SOURCE = re.compile(r"# (llm_from_scratch/[\w/]+\.py), lines (\d+)-(\d+)\n")
+
+
+@pytest.mark.parametrize("notebook", CHAPTERS, ids=IDS)
+def test_shown_source_is_the_current_source(notebook):
+    """A ``show_source`` output ("# file, lines a-b" and the code) still equals those lines of the file.
+
+    Editing the package moves or changes the code a chapter shows; the chapter must then be re-executed.
+    """
+    import textwrap
+
+    root = notebook.parent.parent
+    stale = []
+    for i, cell in enumerate(_load(notebook)["cells"]):
+        for out in cell.get("outputs", []):
+            text = out.get("data", {}).get("text/plain", "")
+            text = "".join(text) if isinstance(text, list) else text
+            match = SHOWN_SOURCE.match(text)
+            if not match:
+                continue
+            path, first, last = root / match.group(1), int(match.group(2)), int(match.group(3))
+            lines = path.read_text(encoding="utf-8").splitlines()[first - 1:last]
+            if textwrap.dedent("\n".join(lines)).rstrip() != text[match.end():].rstrip():
+                stale.append(f"{_where(notebook, i, cell)}: {match.group(1)} lines {first}-{last}")
+    assert not stale, "shown source differs from the file (re-execute the chapter):\n" + "\n".join(stale)
