@@ -80,25 +80,33 @@ unit: venv-dev
 	$(BIN)/pytest tests --ignore=tests/book -q
 
 # Every chapter at its default parameters; outputs of cells tagged nbval-check-output must match.
-# Two lanes side by side (much of a chapter is one thread of Python, and portable mode is slow):
-# "Pre-training" and three chapters after it in one, every other chapter in the other. A chapter
-# that needs the pre-trained model before "Pre-training" has saved it trains the same run itself
-# (the same bits). Threads wait passively, so that two lanes do not spin against each other.
-NBVAL_LANE_A := $(filter chapters/05_% chapters/06_% chapters/08_% chapters/10_%,$(NOTEBOOKS))
-NBVAL_LANE_B := $(filter-out $(NBVAL_LANE_A),$(NOTEBOOKS))
+# Two lanes side by side (much of a chapter is one thread of Python, and portable mode is slow),
+# in two rounds: "Pre-training" beside the chapters that do not need its model, then the chapters
+# that load it, in two lanes. (A chapter that found no model would train it in its own process,
+# with that process's threads, so not with the same bits.) Threads wait passively, so that two
+# lanes do not spin against each other.
+NBVAL_FIRST_A  := $(filter chapters/05_%,$(NOTEBOOKS))
+NBVAL_FIRST_B  := $(filter chapters/00_% chapters/01_% chapters/02_% chapters/03_% chapters/04_% chapters/07_%,$(NOTEBOOKS))
+NBVAL_SECOND_A := $(filter chapters/06_% chapters/08_% chapters/10_%,$(NOTEBOOKS))
+NBVAL_SECOND_B := $(filter-out $(NBVAL_FIRST_A) $(NBVAL_FIRST_B) $(NBVAL_SECOND_A),$(NOTEBOOKS))
 NBVAL_RUN = $(PORTABLE) OMP_WAIT_POLICY=PASSIVE LLM_FROM_SCRATCH_ARTIFACTS=$(CURDIR)/_build/artifacts-nbval \
   $(BIN)/pytest --nbval-lax --nbval-sanitize-with nbval_sanitize.cfg --nbval-cell-timeout 1800 \
   -p no:cacheprovider -q
-nbval: venv-dev
-	rm -rf _build/artifacts-nbval _build/nbval-lane-a.log _build/nbval-lane-b.log
-	mkdir -p _build
+# $(call nbval_pair,name,notebooks of lane A,notebooks of lane B): both lanes, then both logs; fails if either did.
+define nbval_pair
 	ra=0; rb=0; \
-	$(NBVAL_RUN) $(NBVAL_LANE_A) > _build/nbval-lane-a.log 2>&1 & a=$$!; \
-	$(NBVAL_RUN) $(NBVAL_LANE_B) > _build/nbval-lane-b.log 2>&1 & b=$$!; \
+	$(NBVAL_RUN) $(2) > _build/nbval-$(1)-a.log 2>&1 & a=$$!; \
+	$(NBVAL_RUN) $(3) > _build/nbval-$(1)-b.log 2>&1 & b=$$!; \
 	wait $$a || ra=$$?; wait $$b || rb=$$?; \
-	echo "--- nbval lane A: $(NBVAL_LANE_A)"; cat _build/nbval-lane-a.log; \
-	echo "--- nbval lane B: $(NBVAL_LANE_B)"; cat _build/nbval-lane-b.log; \
-	echo "nbval lane A exit $$ra, lane B exit $$rb"; [ $$ra -eq 0 ] && [ $$rb -eq 0 ]
+	echo "--- nbval, $(1) round, lane A: $(2)"; cat _build/nbval-$(1)-a.log; \
+	echo "--- nbval, $(1) round, lane B: $(3)"; cat _build/nbval-$(1)-b.log; \
+	echo "nbval $(1) round: lane A exit $$ra, lane B exit $$rb"; [ $$ra -eq 0 ] && [ $$rb -eq 0 ]
+endef
+nbval: venv-dev
+	rm -rf _build/artifacts-nbval _build/nbval-*.log
+	mkdir -p _build
+	$(call nbval_pair,first,$(NBVAL_FIRST_A),$(NBVAL_FIRST_B))
+	$(call nbval_pair,second,$(NBVAL_SECOND_A),$(NBVAL_SECOND_B))
 
 # Static checks first (notebook conventions, Binder files, the book's Sphinx extension on a tiny
 # book), then every chapter through papermill at the tiny parameters of chapters/smoke.yml, then
