@@ -81,22 +81,25 @@ unit: venv-dev
 
 # Every chapter at its default parameters; outputs of cells tagged nbval-check-output must match.
 # Two lanes side by side (much of a chapter is one thread of Python, and portable mode is slow),
-# in two rounds: "Pre-training" beside the chapters that do not need its model, then the chapters
-# that load it, in two lanes. (A chapter that found no model would train it in its own process,
-# with that process's threads, so not with the same bits.) Threads wait passively, so that two
+# in two rounds. First the pre-trained model that chapters 6-11 load, made as chapter 5 makes it
+# (the same function and settings, one thread: the same bits), beside chapters 0-4 and 7, which do
+# not need it; then chapter 5 (which trains it afresh and replaces it with the same bits) and the
+# chapters that load it, in two lanes of about equal length. Threads wait passively, so that two
 # lanes do not spin against each other.
-NBVAL_FIRST_A  := $(filter chapters/05_%,$(NOTEBOOKS))
 NBVAL_FIRST_B  := $(filter chapters/00_% chapters/01_% chapters/02_% chapters/03_% chapters/04_% chapters/07_%,$(NOTEBOOKS))
-NBVAL_SECOND_A := $(filter chapters/06_% chapters/08_% chapters/10_%,$(NOTEBOOKS))
-NBVAL_SECOND_B := $(filter-out $(NBVAL_FIRST_A) $(NBVAL_FIRST_B) $(NBVAL_SECOND_A),$(NOTEBOOKS))
-NBVAL_RUN = $(PORTABLE) OMP_WAIT_POLICY=PASSIVE LLM_FROM_SCRATCH_ARTIFACTS=$(CURDIR)/_build/artifacts-nbval \
-  $(BIN)/pytest --nbval-lax --nbval-sanitize-with nbval_sanitize.cfg --nbval-cell-timeout 1800 \
-  -p no:cacheprovider -q
-# $(call nbval_pair,name,notebooks of lane A,notebooks of lane B): both lanes, then both logs; fails if either did.
+NBVAL_SECOND_A := $(filter chapters/05_% chapters/06_% chapters/08_%,$(NOTEBOOKS))
+NBVAL_SECOND_B := $(filter-out $(NBVAL_FIRST_B) $(NBVAL_SECOND_A),$(NOTEBOOKS))
+NBVAL_ENV = $(PORTABLE) OMP_WAIT_POLICY=PASSIVE LLM_FROM_SCRATCH_ARTIFACTS=$(CURDIR)/_build/artifacts-nbval
+NBVAL_RUN = $(NBVAL_ENV) $(BIN)/pytest --nbval-lax --nbval-sanitize-with nbval_sanitize.cfg \
+  --nbval-cell-timeout 1800 -p no:cacheprovider -q
+# Chapter 5's model at its default settings (PretrainSettings()), on one thread as chapter 5 trains it.
+NBVAL_MODEL = $(NBVAL_ENV) $(BIN)/python -c "import torch; torch.set_num_threads(1); \
+  from llm_from_scratch.pretrained import pretrained_model; print(pretrained_model().run_dir)"
+# $(call nbval_pair,name,command of lane A,command of lane B): both lanes, then both logs; fails if either did.
 define nbval_pair
 	ra=0; rb=0; \
-	$(NBVAL_RUN) $(2) > _build/nbval-$(1)-a.log 2>&1 & a=$$!; \
-	$(NBVAL_RUN) $(3) > _build/nbval-$(1)-b.log 2>&1 & b=$$!; \
+	$(2) > _build/nbval-$(1)-a.log 2>&1 & a=$$!; \
+	$(3) > _build/nbval-$(1)-b.log 2>&1 & b=$$!; \
 	wait $$a || ra=$$?; wait $$b || rb=$$?; \
 	echo "--- nbval, $(1) round, lane A: $(2)"; cat _build/nbval-$(1)-a.log; \
 	echo "--- nbval, $(1) round, lane B: $(3)"; cat _build/nbval-$(1)-b.log; \
@@ -105,8 +108,8 @@ endef
 nbval: venv-dev
 	rm -rf _build/artifacts-nbval _build/nbval-*.log
 	mkdir -p _build
-	$(call nbval_pair,first,$(NBVAL_FIRST_A),$(NBVAL_FIRST_B))
-	$(call nbval_pair,second,$(NBVAL_SECOND_A),$(NBVAL_SECOND_B))
+	$(call nbval_pair,first,$(NBVAL_MODEL),$(NBVAL_RUN) $(NBVAL_FIRST_B))
+	$(call nbval_pair,second,$(NBVAL_RUN) $(NBVAL_SECOND_A),$(NBVAL_RUN) $(NBVAL_SECOND_B))
 
 # Static checks first (notebook conventions, Binder files, the book's Sphinx extension on a tiny
 # book), then every chapter through papermill at the tiny parameters of chapters/smoke.yml, then

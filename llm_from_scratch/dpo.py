@@ -45,10 +45,11 @@ from llm_from_scratch.model import GPT, IGNORE_INDEX
 
 def response_logprobs(model: GPT, inputs: Tensor, labels: Tensor) -> Tensor:
     """``(B,)``: the sum of ``log p(label)`` over the labelled positions of each row (the response)."""
-    logits = model(inputs).float()  # (B, T, V)
-    mask = labels != IGNORE_INDEX
-    picked = torch.gather(F.log_softmax(logits, dim=-1), 2, labels.clamp(min=0)[..., None])[..., 0]  # (B, T)
-    return (picked * mask).sum(dim=1)
+    keep = labels != IGNORE_INDEX  # (B, T)
+    logits = model.lm_head(model.hidden(inputs)[keep]).float()  # (N, V): the labelled positions alone
+    picked = torch.gather(F.log_softmax(logits, dim=-1), 1, labels[keep][:, None])[:, 0]  # (N,)
+    rows = keep.nonzero()[:, 0]  # (N,): the row of each labelled position
+    return torch.zeros(inputs.size(0), dtype=picked.dtype, device=picked.device).index_add(0, rows, picked)
 
 
 def dpo_loss(

@@ -18,7 +18,7 @@ Explained in the chapter "Following instructions" (chapters/10_instructions.ipyn
   ``exact_match`` with its binomial standard error, ``save_chat_model`` / ``load_chat_model``.
 
 What it does not do: multi-turn training data, or packing several examples into one window.
-Nothing here touches the network except ``download_dolly``, which no test or default run calls. It imports down the pipeline (bpe, model, train, generate);
+Nothing here touches the network except ``download_dolly``, which no test or default run calls. It imports down the pipeline (bpe, loss, model, train, generate);
 ``dpo.py`` and ``chat.py`` build on it.
 """
 
@@ -40,7 +40,8 @@ from torch.utils.data import Dataset
 from llm_from_scratch.bpe import BPETokenizer
 from llm_from_scratch.data import download, read_text_file, shakespeare_dir
 from llm_from_scratch.generate import generate, pad_prompts
-from llm_from_scratch.model import GPT, IGNORE_INDEX, next_token_loss
+from llm_from_scratch.loss import cross_entropy
+from llm_from_scratch.model import GPT, IGNORE_INDEX
 from llm_from_scratch.train import CHECKPOINT_NAME, lr_at, save_checkpoint, tokenizer_fingerprint
 
 USER = "<|user|>"
@@ -456,8 +457,15 @@ def scheduled_batches(dataset, optimizer: torch.optim.Optimizer, *, steps: int, 
 
 
 def sft_loss(model: GPT, inputs: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over the labelled positions (``labels != -100``)."""
-    return next_token_loss(model(inputs), labels)
+    """Mean cross-entropy over the labelled positions (``labels != -100``): ``next_token_loss`` of the
+    full logits, with the output layer applied at those positions alone (``GPT.hidden``). Answers
+    are a fifth of the tokens here, and the output layer is two fifths of a small model's work."""
+    if not isinstance(labels, Tensor) or labels.shape != inputs.shape:
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be a tensor of the inputs' shape {tuple(inputs.shape)}, got {shape}")
+    keep = labels != IGNORE_INDEX  # (B, T)
+    logits = model.lm_head(model.hidden(inputs)[keep])  # (N, vocab_size), N labelled positions
+    return cross_entropy(logits, labels[keep])
 
 
 @torch.no_grad()

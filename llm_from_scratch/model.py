@@ -259,6 +259,26 @@ class GPT(nn.Module):
         """One empty ``KVCache`` per layer, for ``forward(..., kv_cache=...)``."""
         return [KVCache() for _ in range(self.config.n_layers)]
 
+    def hidden(
+        self,
+        idx: Tensor,
+        *,
+        kv_cache: list[KVCache] | None = None,
+        padding_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        """The final layer norm's output ``(B, T, d_model)`` for token ids ``idx`` ``(B, T)``: ``forward``
+        without the output layer. A loss on a few positions applies ``lm_head`` to those alone
+        (the chapter "Following instructions"). The keyword arguments are ``forward``'s."""
+        start = check_token_inputs(idx, self.config, kv_cache=kv_cache, position_ids=position_ids)
+        B, T = idx.shape
+        pos = torch.arange(start, start + T, device=idx.device) if position_ids is None else position_ids  # (T,) | (B, T)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, d_model)
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache=None if kv_cache is None else kv_cache[i], padding_mask=padding_mask)
+        return self.transformer.ln_f(x)
+
     def forward(
         self,
         idx: Tensor,
@@ -282,14 +302,7 @@ class GPT(nn.Module):
         attends to padding), and ``position_ids`` ``(B, T)``, the position of each token in its
         own sequence (default: ``T_cache .. T_cache + T - 1`` for every row).
         """
-        start = check_token_inputs(idx, self.config, kv_cache=kv_cache, position_ids=position_ids)
-        B, T = idx.shape
-        pos = torch.arange(start, start + T, device=idx.device) if position_ids is None else position_ids  # (T,) | (B, T)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, d_model)
-        x = self.transformer.drop(x)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache=None if kv_cache is None else kv_cache[i], padding_mask=padding_mask)
-        x = self.transformer.ln_f(x)
+        x = self.hidden(idx, kv_cache=kv_cache, padding_mask=padding_mask, position_ids=position_ids)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if targets is None:
             return logits

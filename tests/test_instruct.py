@@ -113,15 +113,35 @@ def test_masked_loss_equals_hand_computation_and_ignores_prompt_tokens():
     terms = [-logp[b, t, labels[b, t]] for b in range(2) for t in range(labels.size(1)) if labels[b, t] != -100]
     assert len(terms) == sum(len(y) - y.count(-100) for _, y in rows)
     assert float(loss) == pytest.approx(float(sum(terms) / len(terms)), rel=1e-5)
-    # The loss has no gradient at any position that predicts a prompt token.
+    # No gradient reaches the final hidden state at a position that predicts a prompt token.
     first_answer = [y.index(next(v for v in y if v != -100)) for _, y in rows]
-    with torch.no_grad():
-        logits = model(inputs)
-    logits.requires_grad_(True)
-    from llm_from_scratch.model import next_token_loss
-    next_token_loss(logits, labels).backward()
+    captured, hidden = {}, model.hidden
+
+    def spy(*args, **kwargs):
+        captured["h"] = hidden(*args, **kwargs)
+        captured["h"].retain_grad()
+        return captured["h"]
+
+    model.hidden = spy
+    sft_loss(model, inputs, labels).backward()
     for b, cut in enumerate(first_answer):
-        assert torch.count_nonzero(logits.grad[b, :cut]) == 0  # no gradient at any prompt position
+        assert torch.count_nonzero(captured["h"].grad[b, :cut]) == 0  # no gradient at any prompt position
+        assert torch.count_nonzero(captured["h"].grad[b, cut]) > 0
+
+
+def test_masked_loss_and_gradients_equal_torch_cross_entropy_of_the_full_logits():
+    model, tokenizer = tiny_chat_model()
+    rows = [encode_example(tokenizer, q, a) for q, a in (("Who speaks?", "SIR TOBY BELCH"), ("Which play?", "Hamlet"))]
+    inputs, labels = collate([(torch.tensor(x), torch.tensor(y)) for x, y in rows], pad_id=0)
+    ours = sft_loss(model, inputs, labels)
+    ours_grads = torch.autograd.grad(ours, list(model.parameters()))
+    reference = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), labels.flatten(), ignore_index=-100)
+    reference_grads = torch.autograd.grad(reference, list(model.parameters()))
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    for a, b in zip(ours_grads, reference_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="labels must be a tensor of the inputs' shape"):
+        sft_loss(model, inputs, labels[:, :-1])
 
 
 def test_collate_pads_right_and_batches_cover_every_example():

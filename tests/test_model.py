@@ -231,3 +231,13 @@ def test_unsupported_hf_configs_are_refused(tmp_path):
         GPT.from_hf_gpt2(tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="cannot infer n_heads"):
         GPT.from_hf_gpt2(tmp_path / "model.safetensors")  # d_model 24 is no GPT-2 size, and no config.json
+
+
+def test_hidden_then_output_layer_is_forward():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.tiny(n_layers=2)).eval()
+    idx = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        hidden = model.hidden(idx)
+        assert hidden.shape == (2, 9, model.config.d_model)
+        assert torch.equal(model.lm_head(hidden), model(idx))
