@@ -92,9 +92,8 @@ NBVAL_SECOND_B := $(filter-out $(NBVAL_FIRST_B) $(NBVAL_SECOND_A),$(NOTEBOOKS))
 NBVAL_ENV = $(PORTABLE) OMP_WAIT_POLICY=PASSIVE LLM_FROM_SCRATCH_ARTIFACTS=$(CURDIR)/_build/artifacts-nbval
 NBVAL_RUN = $(NBVAL_ENV) $(BIN)/pytest --nbval-lax --nbval-sanitize-with nbval_sanitize.cfg \
   --nbval-cell-timeout 1800 -p no:cacheprovider -q
-# Chapter 5's model at its default settings (PretrainSettings()), on one thread as chapter 5 trains it.
-NBVAL_MODEL = $(NBVAL_ENV) $(BIN)/python -c "import torch; torch.set_num_threads(1); \
-  from llm_from_scratch.pretrained import pretrained_model; print(pretrained_model().run_dir)"
+# Chapter 5's model at its default settings, on one thread as chapter 5 trains it.
+NBVAL_MODEL = $(NBVAL_ENV) $(BIN)/python scripts/pretrained_model.py
 # $(call nbval_pair,name,command of lane A,command of lane B): both lanes, then both logs; fails if either did.
 define nbval_pair
 	ra=0; rb=0; \
