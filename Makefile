@@ -112,9 +112,11 @@ nbval: venv-dev
 
 # Static checks first (notebook conventions, Binder files, the book's Sphinx extension on a tiny
 # book), then every chapter through papermill at the tiny parameters of chapters/smoke.yml, then
-# the shell commands that usage.md and README.md show, run at tiny sizes.
+# the shell commands that usage.md and README.md show, run at tiny sizes, and the chat page of
+# `serve` in headless Chromium.
 SMOKE_TESTS := tests/book/test_notebook_conventions.py tests/book/test_binder.py \
-  tests/book/test_book_extension.py tests/book/test_smoke.py tests/book/test_commands.py
+  tests/book/test_book_extension.py tests/book/test_smoke.py tests/book/test_commands.py \
+  tests/book/test_serve_browser.py
 smoke: venv-dev
 	$(BIN)/pytest $(SMOKE_TESTS) -q
 
