@@ -86,9 +86,9 @@ unit: venv-dev
 # not need it; then chapter 5 (which trains it afresh and replaces it with the same bits) and the
 # chapters that load it, in two lanes of about equal length. Threads wait passively, so that two
 # lanes do not spin against each other.
-NBVAL_FIRST_B  := $(filter chapters/00_% chapters/01_% chapters/02_% chapters/03_% chapters/04_% chapters/07_%,$(NOTEBOOKS))
+NBVAL_FIRST := $(filter chapters/00_% chapters/01_% chapters/02_% chapters/03_% chapters/04_% chapters/07_%,$(NOTEBOOKS))
 NBVAL_SECOND_A := $(filter chapters/05_% chapters/06_% chapters/08_%,$(NOTEBOOKS))
-NBVAL_SECOND_B := $(filter-out $(NBVAL_FIRST_B) $(NBVAL_SECOND_A),$(NOTEBOOKS))
+NBVAL_SECOND_B := $(filter-out $(NBVAL_FIRST) $(NBVAL_SECOND_A),$(NOTEBOOKS))
 NBVAL_ENV = $(PORTABLE) OMP_WAIT_POLICY=PASSIVE LLM_FROM_SCRATCH_ARTIFACTS=$(CURDIR)/_build/artifacts-nbval
 NBVAL_RUN = $(NBVAL_ENV) $(BIN)/pytest --nbval-lax --nbval-sanitize-with nbval_sanitize.cfg \
   --nbval-cell-timeout 1800 -p no:cacheprovider -q
@@ -107,7 +107,7 @@ endef
 nbval: venv-dev
 	rm -rf _build/artifacts-nbval _build/nbval-*.log
 	mkdir -p _build
-	$(call nbval_pair,first,$(NBVAL_MODEL),$(NBVAL_RUN) $(NBVAL_FIRST_B))
+	$(call nbval_pair,first,$(NBVAL_MODEL),$(NBVAL_RUN) $(NBVAL_FIRST))
 	$(call nbval_pair,second,$(NBVAL_RUN) $(NBVAL_SECOND_A),$(NBVAL_RUN) $(NBVAL_SECOND_B))
 
 # Static checks first (notebook conventions, Binder files, the book's Sphinx extension on a tiny
