@@ -72,10 +72,11 @@ from llm_from_scratch.quantize import kernels, quantize_model
 from llm_from_scratch.roofline import kv_cache_bytes, read_bandwidth, weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Our weight format -> the GGUF type of the llama.cpp row beside it.
-LLAMA_CPP_TYPES = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}
+#: The GGUF type of each llama.cpp row -> our formats it compares with, the first one in --formats (q8_0
+#: quantizes the token vectors too, as w8a8 does; f32 against the kernel's float32 when it is there).
+LLAMA_CPP_MATCH = {"f32": ("fp32-kernel", "fp32"), "f16": ("bf16",), "q8_0": ("w8a8", "int8")}
 #: Our formats: the model as it is ("fp32", nn.Linear), or quantize_model's dtype for the others.
-QUANTIZE_DTYPES = {"fp32-kernel": "fp32", "bf16": "bf16", "int8": "int8"}
+QUANTIZE_DTYPES = {"fp32-kernel": "fp32", "bf16": "bf16", "int8": "int8", "w8a8": "w8a8"}
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -171,8 +172,8 @@ def llama_cpp_rows(args, model: GPT, formats: list[str]) -> dict:
         print("llama.cpp rows: extra buffer types off (no AMX or repacked weights: use_extra_bufts=False)")
         without_extra_buffers(llama_cpp)
     gguf_dir = args.gguf_dir or ROOT / "artifacts" / "bench"
-    files = {name: gguf_dir / f"{args.preset}-seed{args.seed}-{LLAMA_CPP_TYPES[name]}.gguf"
-             for name in formats if name in LLAMA_CPP_TYPES}
+    matches = {kind: next((name for name in ours if name in formats), None) for kind, ours in LLAMA_CPP_MATCH.items()}
+    files = {name: gguf_dir / f"{args.preset}-seed{args.seed}-{kind}.gguf" for kind, name in matches.items() if name}
     missing = [str(path) for path in files.values() if not path.exists()]
     if missing:
         print(f"llama.cpp rows skipped: no {', '.join(missing)}; to get them: {how}")
@@ -186,7 +187,7 @@ def llama_cpp_rows(args, model: GPT, formats: list[str]) -> dict:
         )
         if llm.n_vocab() != model.config.vocab_size:
             raise SystemExit(f"{path}: vocabulary {llm.n_vocab()}, ours {model.config.vocab_size}: not this model")
-        rows[f"llama.cpp {LLAMA_CPP_TYPES[name]}"] = (name, llm, gguf_weight_bytes(path))
+        rows[f"llama.cpp {path.stem.rsplit('-', 1)[1]}"] = (name, llm, gguf_weight_bytes(path))
     return rows
 
 
@@ -269,8 +270,6 @@ def formats_table(args, model: GPT) -> None:
         extra = ""
         if llama:
             ours = llama[name][0] if name in llama else None
-            if ours == "fp32" and ("fp32-kernel", 1) in rates:  # our float32 through the kernel: the fast path
-                ours = "fp32-kernel"
             extra = f" {f'{rates[ours, 1] / rate:.2f}x' if ours and (ours, 1) in rates else '-':>16} |"
         print(f"| {name:<{width}} | {batch:>5} | {step_bytes / 1e6:>12.1f} | {rate:>9.1f} | {ratio:>7} | "
               f"{roofline:>14.1f} | {rate / roofline:>10.0%} | {same:>19} |{extra}")
@@ -290,7 +289,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed (HF, ours) pairs of the cached contenders, alternating order (median kept)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--formats", default="fp32,fp32-kernel,bf16,int8",
+    parser.add_argument("--formats", default="fp32,fp32-kernel,bf16,int8,w8a8",
                         help="weight formats of the roofline table (fp32: nn.Linear; fp32-kernel: the same weights in "
                              "quantize_model's fp32 layers)")
     parser.add_argument("--batch-sizes", default="1,8", help="batch sizes of the roofline table")

@@ -56,8 +56,9 @@ from llm_from_scratch.utils import portable_math
 
 logger = logging.getLogger(__name__)
 
-#: The formats ``quantize_model`` produces ("fp32": float32 weights as they are, in the kernel's layer).
-DTYPES = ("int8", "bf16", "fp32")
+#: The formats ``quantize_model`` produces ("fp32": float32 weights as they are, in the kernel's layer;
+#: "w8a8": int8 weights times token vectors quantized to int8 too, llama.cpp's ``q8_0`` product).
+DTYPES = ("int8", "w8a8", "bf16", "fp32")
 #: Identifies a quantized model file (and its layout version) inside the safetensors metadata.
 QUANTIZED_FORMAT = "llm_from_scratch.quantized/1"
 #: Largest number of token vectors (rows of ``x``) the kernel multiplies; more go to the reference.
@@ -127,6 +128,26 @@ def dequantize_int8(qweight: Tensor, scales: Tensor) -> Tensor:
     return w.reshape(out_features, in_features)  # (out, in)
 
 
+def quantize_activations(x: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Symmetric absmax int8 quantization of activations ``x`` ``(..., in)`` per group of ``group_size``.
+
+    Returns ``q`` ``(..., in)`` int8 in ``[-127, 127]`` and ``scales`` ``(..., in // group_size)``
+    float32, with ``x ~= q * scale`` over each group: ``scale = max |x| / 127`` and
+    ``q = round(x * (1 / scale))`` (to nearest even), in float32, the very arithmetic of the
+    kernel's ``int8_act_linear`` (the same bytes). Unlike the weights' scales these are not
+    rounded to float16 and not rounded up: ``|x - q * scale| <= scale / 2`` up to float32
+    rounding. An all-zero group gets scale 0. Done afresh for every token vector of every
+    product, so it must be cheap: no checks beyond the shape.
+    """
+    *lead, in_features = x.shape
+    group_size = _check_group_size(group_size, in_features, where="the activations")
+    xg = x.float().reshape(*lead, in_features // group_size, group_size)  # (..., groups, G)
+    scales = xg.abs().amax(dim=-1) / 127  # (..., groups)
+    inverse = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
+    q = torch.round(xg * inverse[..., None]).to(torch.int8)
+    return q.reshape(*lead, in_features), scales
+
+
 # --------------------------------------------------------------------------------------------
 # The kernel: built on first use, or the reference with a warning
 # --------------------------------------------------------------------------------------------
@@ -187,7 +208,7 @@ def _build_kernels() -> Any:
     load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, build_directory=str(build_dir),
          is_python_module=False, verbose=False)
     ops = torch.ops.llm_from_scratch_quantized
-    if ops.isa() == "avx512" and torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+    if ops.isa().startswith("avx512") and torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
         raise RuntimeError(f"the kernel was built for AVX-512 but this CPU reports {torch.backends.cpu.get_cpu_capability()}")
     return ops
 
@@ -291,6 +312,29 @@ class Int8Linear(_QuantizedLinear):
                 f"group_size={self.group_size}")
 
 
+class W8A8Linear(Int8Linear):
+    """``Int8Linear`` whose products quantize each token vector to int8 too (``quantize_activations``).
+
+    The same weights, scales and files as ``Int8Linear``; each product first rounds the token
+    vector to int8 in groups of ``group_size`` (the weights' groups), multiplies bytes by
+    bytes, sums each group in int32 and scales it once: llama.cpp's ``q8_0`` matrix-vector
+    product. With AVX-512 VNNI the kernel does that in a few instructions per 32 weights;
+    the reference (``forward_reference``) quantizes and dequantizes the vector, then
+    ``F.linear``. Both compute the same products of the same int8 values, so they agree up to
+    the float32 rounding of the sums. The price is a second rounding, of the activations:
+    the chapter "Fast generation" measures it.
+    """
+
+    def forward_reference(self, x: Tensor) -> Tensor:
+        q, scales = quantize_activations(x, self.group_size)
+        x_hat = dequantize_int8(q.reshape(-1, self.in_features), scales.reshape(q.numel() // self.in_features, -1))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x_hat.view(x.shape).to(x.dtype), self.dequantize().to(x.dtype), bias)
+
+    def _kernel_product(self, ops: Any, x: Tensor) -> Tensor:
+        return ops.int8_act_linear(x, self.qweight, self.scales, self._bias_arg())
+
+
 class _DenseLinear(_QuantizedLinear):
     """What ``BF16Linear`` and ``F32Linear`` share: one ``weight`` ``(out, in)`` in ``weight_dtype``, no scales."""
 
@@ -340,7 +384,8 @@ class F32Linear(_DenseLinear):
     kernel_op = "f32_linear"
 
 
-_LAYER_TYPES = {"int8": Int8Linear, "bf16": BF16Linear, "fp32": F32Linear}
+_LAYER_TYPES = {"int8": Int8Linear, "w8a8": W8A8Linear, "bf16": BF16Linear, "fp32": F32Linear}
+_GROUPED = ("int8", "w8a8")  # the formats with int8 weights and scales per group
 
 
 class DecodeBlock(Block):
@@ -426,7 +471,8 @@ def quantize_model(model: nn.Module, dtype: str = "int8", group_size: int | None
     """A copy of ``model`` (``model`` itself with ``inplace=True``) whose ``nn.Linear`` layers hold quantized weights.
 
     ``dtype="int8"``: ``Int8Linear`` layers, scales per group of ``group_size`` input columns
-    (``None``: one per output row); ``"bf16"``: ``BF16Linear`` layers; ``"fp32"``: ``F32Linear``
+    (``None``: one per output row); ``"w8a8"``: ``W8A8Linear`` layers, the same int8 weights
+    with each token vector quantized to int8 in the same groups for the product; ``"bf16"``: ``BF16Linear`` layers; ``"fp32"``: ``F32Linear``
     layers, the float32 weights unchanged in the kernel's layer (``group_size`` unused by both).
     Embeddings, layer norms and biases stay float32, so a tied output layer gets its own
     quantized copy of the embedding. GPT's blocks become ``DecodeBlock`` (the same function, a
@@ -442,7 +488,7 @@ def quantize_model(model: nn.Module, dtype: str = "int8", group_size: int | None
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_dtype(dtype)
     layers = _linear_layers(model)
-    if dtype == "int8":
+    if dtype in _GROUPED:
         for name, layer in layers:
             _check_group_size(group_size, layer.in_features, where=f"layer {name!r}")
     if not layers:
@@ -452,10 +498,11 @@ def quantize_model(model: nn.Module, dtype: str = "int8", group_size: int | None
         layers = _linear_layers(model)
     with torch.no_grad():
         for name, layer in layers:
-            new = Int8Linear.from_linear(layer, group_size) if dtype == "int8" else _LAYER_TYPES[dtype].from_linear(layer)
+            layer_type = _LAYER_TYPES[dtype]
+            new = layer_type.from_linear(layer, group_size) if dtype in _GROUPED else layer_type.from_linear(layer)
             _set_submodule(model, name, new)
     _short_decode_blocks(model)
-    model.quantization = {"dtype": dtype, "group_size": group_size if dtype == "int8" else None}
+    model.quantization = {"dtype": dtype, "group_size": group_size if dtype in _GROUPED else None}
     return model.eval()
 
 
@@ -464,7 +511,7 @@ def _empty_quantized(model: nn.Module, quantization: dict[str, Any]) -> nn.Modul
     dtype, group_size = _check_dtype(quantization["dtype"]), quantization.get("group_size")
     for name, layer in _linear_layers(model):
         bias = layer.bias is not None
-        new = (Int8Linear(layer.in_features, layer.out_features, bias, group_size) if dtype == "int8"
+        new = (_LAYER_TYPES[dtype](layer.in_features, layer.out_features, bias, group_size) if dtype in _GROUPED
                else _LAYER_TYPES[dtype](layer.in_features, layer.out_features, bias))
         _set_submodule(model, name, new)
     _short_decode_blocks(model)

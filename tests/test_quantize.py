@@ -26,8 +26,10 @@ from llm_from_scratch.quantize import (
     BF16Linear,
     F32Linear,
     Int8Linear,
+    W8A8Linear,
     dequantize_int8,
     load_quantized,
+    quantize_activations,
     quantize_int8,
     quantize_model,
     save_quantized,
@@ -161,25 +163,84 @@ def _needs_kernel():
 
 # Shapes that reach every branch of the kernel: 1-8 rows at once, several passes of 8 (9, 16),
 # row counts that leave a remainder after 4 or 2 rows (37), groups of 16 and whole rows, and a
-# width that is no multiple of 16 (the plain loops).
+# width that is no multiple of 16 (the plain loops). w8a8: groups of 32 in pairs (3, 25 and 32
+# groups: an odd one left, a second block of 16), groups of 64 and of 192 (whole 64-byte loads),
+# groups of 16 (the plain loops).
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16])
 @pytest.mark.parametrize("kind,in_features,group_size", [("int8", 64, 16), ("int8", 96, 32), ("int8", 64, None),
                                                          ("int8", 24, 8), ("bf16", 64, None), ("bf16", 24, None),
-                                                         ("fp32", 64, None), ("fp32", 24, None)])
+                                                         ("fp32", 64, None), ("fp32", 24, None),
+                                                         ("w8a8", 96, 32), ("w8a8", 800, 32), ("w8a8", 1024, 32),
+                                                         ("w8a8", 128, 64), ("w8a8", 192, None), ("w8a8", 64, 16)])
 def test_kernel_equals_reference(rows, kind, in_features, group_size):
     _needs_kernel()
     w = _weights(37, in_features, seed=rows)
     for bias in (True, False):
         base = _linear_with(w, bias=bias, seed=rows)
-        layer = (Int8Linear.from_linear(base, group_size) if kind == "int8"
-                 else {"bf16": BF16Linear, "fp32": F32Linear}[kind].from_linear(base))
+        layer = (_LAYERS[kind].from_linear(base, group_size) if kind in ("int8", "w8a8")
+                 else _LAYERS[kind].from_linear(base))
         x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
         with torch.no_grad():
             fast = layer(x)
             layer.use_kernel = False
             reference = layer(x)
-        _close(fast, reference.double(), x, layer.dequantize())
-        _close(fast, _float64_product(layer, x), x, layer.dequantize())
+        # w8a8 multiplies the token vectors as quantize_activations rounds them (the same bytes)
+        x_used = _dequantized_activations(x, layer.group_size) if kind == "w8a8" else x
+        _close(fast, reference.double(), x_used, layer.dequantize())
+        _close(fast, _float64_product(layer, x_used), x_used, layer.dequantize())
+
+
+_LAYERS = {"int8": Int8Linear, "w8a8": W8A8Linear, "bf16": BF16Linear, "fp32": F32Linear}
+
+
+def _dequantized_activations(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    q, scales = quantize_activations(x, group_size)
+    return (q.float() * scales.repeat_interleave(group_size, dim=-1)).reshape(x.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# w8a8: token vectors rounded to int8 too
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("group_size", [8, 32, 96])
+def test_activation_error_within_half_a_scale(group_size):
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(0)) * 3
+    x[0, :group_size] = 0.0  # an all-zero group: scale 0, bytes 0
+    x[1, 7] = 40.0  # an outlier
+    q, scales = quantize_activations(x, group_size)
+    assert q.dtype == torch.int8 and q.shape == x.shape
+    assert scales.dtype == torch.float32 and scales.shape == (5, 96 // group_size)
+    assert int(q.abs().max()) == 127 and int(q.min()) >= -127
+    s = scales.double().repeat_interleave(group_size, dim=1)
+    # the hand-derived bound, |x - q s| <= s / 2, plus float32's rounding of x * (1 / s)
+    assert bool(((x.double() - q.double() * s).abs() <= s * (0.5 + 1e-6)).all())
+    groups = x.reshape(5, -1, group_size)
+    torch.testing.assert_close(scales, groups.abs().amax(-1) / 127, rtol=0, atol=0)
+    # the largest |x| of each non-zero group lands on +-127; the zero group stays zero
+    top = q.reshape(5, -1, group_size).abs().amax(-1)
+    assert bool(((top == 127) | (scales == 0)).all()) and float(scales[0, 0]) == 0.0 and not bool(q[0, :group_size].any())
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize_activations(x, 7)
+
+
+def test_w8a8_reference_is_integer_products_scaled_per_group():
+    # Built here in int64 from the two sets of bytes: sum over each group of q_w * q_x, times the
+    # weight's and the vector's scales of that group (float64), plus the bias.
+    w = _weights()
+    layer = W8A8Linear.from_linear(_linear_with(w), 32)
+    layer.use_kernel = False
+    x = torch.randn(4, w.size(1), generator=torch.Generator().manual_seed(5))
+    qx, sx = quantize_activations(x, 32)
+    products = qx.long()[:, None, :] * layer.qweight.long()[None, :, :]  # (4, out, in)
+    per_group = products.reshape(4, w.size(0), -1, 32).sum(-1)  # (4, out, groups), exact
+    expected = (per_group.double() * layer.scales.double()[None] * sx.double()[:, None, :]).sum(-1) + layer.bias.double()
+    with torch.no_grad():
+        y = layer(x)
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=1e-5)
+    # and it is a different product from int8's: the activations' rounding shows
+    int8 = Int8Linear.from_linear(_linear_with(w), 32)
+    int8.use_kernel = False
+    with torch.no_grad():
+        assert float((int8(x) - y).abs().max()) > 1e-4
 
 
 def test_kernel_is_used_and_threads_agree():
@@ -242,15 +303,15 @@ def test_gradients_flow_to_the_input_through_the_reference():
 # --------------------------------------------------------------------------------------------
 # Whole models
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["int8", "bf16"])
+@pytest.mark.parametrize("kind", ["int8", "w8a8", "bf16"])
 def test_quantize_model_replaces_every_linear_and_keeps_the_original(kind):
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     quantized = quantize_model(model, kind)
-    layer_type = Int8Linear if kind == "int8" else BF16Linear
+    layer_type = _LAYERS[kind]
     assert not any(type(m) is torch.nn.Linear or isinstance(m, torch.nn.Linear) for m in quantized.modules())
-    assert isinstance(quantized.lm_head, layer_type) and isinstance(quantized.transformer.h[1].mlp.c_fc, layer_type)
-    assert quantized.quantization == {"dtype": kind, "group_size": 32 if kind == "int8" else None}
+    assert type(quantized.lm_head) is layer_type and type(quantized.transformer.h[1].mlp.c_fc) is layer_type
+    assert quantized.quantization == {"dtype": kind, "group_size": None if kind == "bf16" else 32}
     assert model.lm_head.weight is model.transformer.wte.weight  # the original is untouched
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
@@ -266,9 +327,10 @@ def test_quantize_model_replaces_every_linear_and_keeps_the_original(kind):
         assert bool(((deq - w).abs() <= s * (0.5 + 1e-6)).all())
 
 
-def test_quantized_model_generates_with_generate_and_stream_generate():
+@pytest.mark.parametrize("kind", ["int8", "w8a8"])
+def test_quantized_model_generates_with_generate_and_stream_generate(kind):
     model = _model()
-    quantized = quantize_model(model, "int8")
+    quantized = quantize_model(model, kind)
     prompt = torch.tensor([[3, 14, 15, 92, 65]])
     out = generate(quantized, prompt, 12, temperature=0.0)
     streamed = torch.stack(list(stream_generate(quantized, prompt, 12, temperature=0.0)), dim=1)
@@ -316,7 +378,7 @@ def test_fp32_model_is_the_float32_model_through_the_kernel():
         assert torch.equal(token, token_fast)
 
 
-@pytest.mark.parametrize("kind", ["int8", "bf16", "fp32"])
+@pytest.mark.parametrize("kind", ["int8", "w8a8", "bf16", "fp32"])
 def test_decode_block_short_path_equals_block_forward(kind, monkeypatch):
     # The short path runs Block.forward's operations in the same order: the same logits to the
     # last bit, at batch 1 and 3; checked against the blocks with the short path switched off.
@@ -356,7 +418,7 @@ def test_decode_block_short_path_equals_block_forward(kind, monkeypatch):
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["int8", "bf16", "fp32"])
+@pytest.mark.parametrize("kind", ["int8", "w8a8", "bf16", "fp32"])
 def test_save_and_load_round_trip(tmp_path, kind):
     model = quantize_model(_model(), kind)
     path = save_quantized(model, tmp_path / "model.safetensors", tokenizer={"path": "t.json", "sha256": "ab",
@@ -429,16 +491,18 @@ def test_generate_command_quantizes(tmp_path):
 # --------------------------------------------------------------------------------------------
 def test_bad_input_errors():
     model = _model()
-    with pytest.raises(ValueError, match=r"dtype must be one of \('int8', 'bf16', 'fp32'\), got 'int4'"):
+    with pytest.raises(ValueError, match=r"dtype must be one of \('int8', 'w8a8', 'bf16', 'fp32'\), got 'int4'"):
         quantize_model(model, "int4")
     with pytest.raises(ValueError, match=r"group_size=24 does not divide the 64 input features of layer "
                                          r"'transformer.h.0.attn.c_attn'"):
         quantize_model(model, "int8", group_size=24)
+    with pytest.raises(ValueError, match=r"group_size=24 does not divide the 64 input features"):
+        quantize_model(model, "w8a8", group_size=24)
     for bad in (0, -32, 2.5, True):
         with pytest.raises(ValueError, match="group_size must be a positive int or None"):
             quantize_model(model, "int8", group_size=bad)
     quantized = quantize_model(model, "int8")
-    for kind in ("int8", "bf16"):
+    for kind in ("int8", "w8a8", "bf16"):
         with pytest.raises(ValueError, match="already quantized"):
             quantize_model(quantized, kind)
     with pytest.raises(TypeError, match="must be a torch.nn.Module, got dict"):

@@ -10,19 +10,26 @@
 //   int8:  W[n, k] = q[n, k] * s[n, k / G]   q int8 in [-127, 127], s float16, G the group size
 //   bf16:  W[n, k] = the bfloat16 weight widened to float32 (exact: its top 16 bits)
 //   fp32:  W[n, k] as it is (the same loops, so that float32 weights get the same prefetching and threads)
+//   w8a8:  the int8 weights as above, and each token vector quantized the same way, per group of G:
+//          x[k] ~= p[k] * t[k / G], t = max |x| / 127 over the group (float32), p = round(x / t)
+//          in [-127, 127]; a group's products are summed in int32, then scaled once by s * t
+//          (llama.cpp's q8_0 x q8_0 dot product). With AVX-512 VNNI one vpdpbusd multiplies 32
+//          pairs of bytes and adds them in fours: about 1/6 of the instructions per weight of
+//          widening every int8 weight to float32.
 //
 // Output rows are shared among PyTorch's threads (at::parallel_for, OpenMP). With AVX-512 (the
 // course's AMD EPYC) the inner loop uses 512-bit registers; elsewhere plain loops that the compiler
-// vectorises for whatever the CPU has. What it does not do: quantize the activations (llama.cpp's
-// q8_0 x q8_0 dot products), gradients, or anything but the CPU.
+// vectorises for whatever the CPU has. What it does not do: gradients, or anything but the CPU.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
@@ -31,6 +38,11 @@
 #define LLMFS_AVX512 1
 #else
 #define LLMFS_AVX512 0
+#endif
+#if LLMFS_AVX512 && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LLMFS_VNNI 1
+#else
+#define LLMFS_VNNI 0
 #endif
 
 namespace {
@@ -182,6 +194,99 @@ void f32_plain(const float* w, const float* x, float* y, const float* b, int64_t
     }
 }
 
+
+// ---- w8a8: int8 weights times int8 token vectors -------------------------------------------------
+// One token vector x (K floats) quantized per group of G: p (K) int8 and t (K / G) float32. The
+// same arithmetic as quantize.quantize_activations: t = amax / 127, then round(x * (1 / t)),
+// to nearest even (the default rounding mode), so that both give the same bytes.
+void quantize_vector(const float* x, int64_t K, int64_t G, int8_t* p, float* t) {
+  for (int64_t g = 0; g < K / G; ++g) {
+    const float* xg = x + g * G;
+    int64_t k = 0;
+    float amax = 0.f;
+#if LLMFS_AVX512
+    __m512 vmax = _mm512_setzero_ps();
+    for (; k + 16 <= G; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xg + k)));
+    amax = _mm512_reduce_max_ps(vmax);
+#endif
+    for (; k < G; ++k) amax = std::max(amax, std::fabs(xg[k]));
+    const float scale = amax / 127.f;
+    const float inverse = scale != 0.f ? 1.f / scale : 0.f;
+    k = 0;
+#if LLMFS_AVX512
+    // vcvtps2dq rounds in the default mode, to nearest even, as std::rint below and torch.round
+    const __m512 vinv = _mm512_set1_ps(inverse);
+    for (; k + 16 <= G; k += 16) {
+      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + k), vinv));  // in [-127, 127]
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p + g * G + k), _mm512_cvtepi32_epi8(v));
+    }
+#endif
+    for (; k < G; ++k) p[g * G + k] = static_cast<int8_t>(std::rint(xg[k] * inverse));  // in [-127, 127]
+    t[g] = scale;
+  }
+}
+
+// One weight row (K int8, scales s per group) times one quantized vector, in plain loops.
+float w8a8_dot_plain(const int8_t* q, const at::Half* s, const int8_t* p, const float* t, int64_t K, int64_t G) {
+  float total = 0.f;
+  for (int64_t g = 0; g < K / G; ++g) {
+    int32_t dot = 0;
+    for (int64_t k = g * G; k < (g + 1) * G; ++k) dot += static_cast<int32_t>(q[k]) * static_cast<int32_t>(p[k]);
+    total += static_cast<float>(dot) * (half_to_float(s[g]) * t[g]);
+  }
+  return total;
+}
+
+#if LLMFS_VNNI
+// vpdpbusd multiplies unsigned by signed bytes and adds each four products to an int32 lane. The
+// sign of each weight moves onto its vector byte: |q| * (sign(q) p) = q * p, with |q| <= 127 as an
+// unsigned byte and -p in [-127, 127]. (Flipping the weights' top bit instead, q + 128, and taking
+// 128 * sum(p) off afterwards leaves lanes 128 times larger than their sums: float32 then rounds
+// them worse.) 64 products of (q, p) -> the int32 lanes of acc.
+inline __m512i dot_bytes(__m512i acc, const __m512i q, __m512i p) {
+  p = _mm512_mask_sub_epi8(p, _mm512_movepi8_mask(q), _mm512_setzero_si512(), p);
+  return _mm512_dpbusd_epi32(acc, _mm512_abs_epi8(q), p);
+}
+
+// G == 32: each 64-byte load holds two groups, whose sums land in lanes 0-7 and 8-15. Sixteen
+// groups' scales s * t are one vector; each pair of groups takes its two from it by a permute.
+float w8a8_dot_pairs(const int8_t* q, const at::Half* s, const int8_t* p, const float* t, int64_t K) {
+  const int64_t groups = K / 32;
+  const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);  // lane -> group of the pair
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+    const int64_t n = std::min<int64_t>(16, groups - g0);
+    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+    const __m512 scales = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, s + g0)),
+                                        _mm512_maskz_loadu_ps(mask, t + g0));  // (16,) s * t
+    for (int64_t j = 0; j < n; j += 2) {
+      const int64_t k = (g0 + j) * 32;
+      _mm_prefetch(reinterpret_cast<const char*>(q + k) + kPrefetchBytes, _MM_HINT_T0);
+      const __mmask64 bytes = j + 1 < n ? ~0ull : 0xffffffffull;  // the last group alone when their number is odd
+      const __m512i sums = dot_bytes(_mm512_setzero_si512(), _mm512_maskz_loadu_epi8(bytes, q + k),
+                                     _mm512_maskz_loadu_epi8(bytes, p + k));  // (16,) int32
+      const __m512i index = _mm512_add_epi32(pair, _mm512_set1_epi32(static_cast<int>(j)));
+      total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(index, scales), total);
+    }
+  }
+  return _mm512_reduce_add_ps(total);
+}
+
+// G a multiple of 64: one group is one or more whole 64-byte loads.
+float w8a8_dot_wide(const int8_t* q, const at::Half* s, const int8_t* p, const float* t, int64_t K, int64_t G) {
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t g = 0; g < K / G; ++g) {
+    __m512i sums = _mm512_setzero_si512();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(q + k) + kPrefetchBytes, _MM_HINT_T0);
+      sums = dot_bytes(sums, _mm512_loadu_si512(q + k), _mm512_loadu_si512(p + k));
+    }
+    total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(half_to_float(s[g]) * t[g]), total);
+  }
+  return _mm512_reduce_add_ps(total);
+}
+#endif
+
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "quantized_matvec: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
@@ -228,6 +333,43 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   return y;
 }
 
+at::Tensor int8_act_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const c10::optional<at::Tensor>& bias) {
+  check_inputs(x, qweight, bias);
+  TORCH_CHECK(qweight.scalar_type() == at::kChar, "int8_act_linear: qweight must be int8");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.dim() == 2 && scales.is_contiguous() &&
+                  scales.size(0) == qweight.size(0) && qweight.size(1) % scales.size(1) == 0,
+              "int8_act_linear: scales must be a contiguous float16 (N, K / group_size) tensor");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), groups = scales.size(1), G = K / groups;
+  // The token vectors quantized once, before the threads share the rows: (M, K) bytes, (M, groups) scales.
+  std::vector<int8_t> p(M * K);
+  std::vector<float> t(M * groups);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) quantize_vector(xp + m * K, K, G, &p[m * K], &t[m * groups]);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const int8_t* q = qweight.data_ptr<int8_t>();
+  const at::Half* s = scales.data_ptr<at::Half>();
+  float* yp = y.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  at::parallel_for(0, N, grain(K, 1), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t m = 0; m < M; ++m) {  // the row stays in the L1 cache for the vectors after the first
+#if LLMFS_VNNI
+        const int8_t* qn = q + n * K;
+        const at::Half* sn = s + n * groups;
+        const float dot = G == 32       ? w8a8_dot_pairs(qn, sn, &p[m * K], &t[m * groups], K)
+                          : G % 64 == 0 ? w8a8_dot_wide(qn, sn, &p[m * K], &t[m * groups], K, G)
+                                        : w8a8_dot_plain(qn, sn, &p[m * K], &t[m * groups], K, G);
+#else
+        const float dot = w8a8_dot_plain(q + n * K, s + n * groups, &p[m * K], &t[m * groups], K, G);
+#endif
+        yp[m * N + n] = dot + (bp ? bp[n] : 0.f);
+      }
+    }
+  });
+  return y;
+}
+
 // What bf16_linear and f32_linear share: the output, the threads, and the AVX-512 blocks or the plain loops.
 template <typename T, typename Plain>
 at::Tensor dense_linear(const at::Tensor& x, const T* w, int64_t N, const c10::optional<at::Tensor>& bias, Plain plain) {
@@ -266,13 +408,14 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const c10::
   return dense_linear(x, weight.data_ptr<float>(), weight.size(0), bias, f32_plain);
 }
 
-// Which inner loop this build uses: "avx512" or "plain"; Python checks that the CPU runs it.
-std::string isa() { return LLMFS_AVX512 ? "avx512" : "plain"; }
+// Which inner loops this build uses: "avx512-vnni", "avx512" or "plain"; Python checks that the CPU runs it.
+std::string isa() { return LLMFS_VNNI ? "avx512-vnni" : LLMFS_AVX512 ? "avx512" : "plain"; }
 
 }  // namespace
 
 TORCH_LIBRARY(llm_from_scratch_quantized, m) {
   m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("int8_act_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("f32_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("isa() -> str");
@@ -280,6 +423,7 @@ TORCH_LIBRARY(llm_from_scratch_quantized, m) {
 
 TORCH_LIBRARY_IMPL(llm_from_scratch_quantized, CPU, m) {
   m.impl("int8_linear", int8_linear);
+  m.impl("int8_act_linear", int8_act_linear);
   m.impl("bf16_linear", bf16_linear);
   m.impl("f32_linear", f32_linear);
 }
