@@ -415,8 +415,9 @@ def add_chat_parsers(subparsers) -> None:
     p = subparsers.add_parser("chat", help="chat with an instruction-tuned model in the terminal",
                               description="Chat in the terminal: /reset forgets the conversation, /quit ends.")
     _add_sampling(p)
-    p.add_argument("--quantize", choices=("int8", "bf16"), default=None,
-                   help="answer with int8 (scales per 32 weights) or bfloat16 weights (see quantize.py)")
+    p.add_argument("--quantize", choices=("int8", "w8a8", "bf16"), default=None,
+                   help="answer with int8 (scales per 32 weights), w8a8 (int8 weights and token vectors) "
+                        "or bfloat16 weights (see quantize.py)")
     p.set_defaults(func=_cmd_chat, parser=p)
     p = subparsers.add_parser("serve", help="a local web page to chat with an instruction-tuned model",
                               description="Serve a chat page that streams the model's answers (local only by default).")

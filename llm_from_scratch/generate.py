@@ -94,6 +94,21 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
+def _check_logits(logits: Tensor) -> None:
+    """Raise ``ValueError`` for logits with NaN or ``+inf`` (naming the rows) or a row that is all ``-inf``."""
+    bad_rows = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)  # (B,)
+    if bad_rows.any():
+        rows = bad_rows.nonzero().flatten().tolist()
+        raise ValueError(
+            f"logits contain NaN or +inf in batch row(s) {rows[:8]}{' ...' if len(rows) > 8 else ''}: "
+            "the model's output is broken (a diverged or corrupt checkpoint?); expected finite "
+            "logits (-inf marks a token that is never chosen)"
+        )
+    if (logits == float("-inf")).all(dim=-1).any():
+        row = int((logits == float("-inf")).all(dim=-1).nonzero()[0, 0])
+        raise ValueError(f"every logit of batch row {row} is -inf: no token can be chosen")
+
+
 def sample_next_token(
     logits: Tensor,
     *,
@@ -115,17 +130,10 @@ def sample_next_token(
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a tensor of shape (batch, vocab_size), got {shape}")
-    bad_rows = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)  # (B,)
-    if bad_rows.any():
-        rows = bad_rows.nonzero().flatten().tolist()
-        raise ValueError(
-            f"logits contain NaN or +inf in batch row(s) {rows[:8]}{' ...' if len(rows) > 8 else ''}: "
-            "the model's output is broken (a diverged or corrupt checkpoint?); expected finite "
-            "logits (-inf marks a token that is never chosen)"
-        )
-    if (logits == float("-inf")).all(dim=-1).any():
-        row = int((logits == float("-inf")).all(dim=-1).nonzero()[0, 0])
-        raise ValueError(f"every logit of batch row {row} is -inf: no token can be chosen")
+    # One pass when every logit is finite (every step of a healthy model), _check_logits' row-by-row
+    # checks otherwise: -inf (a token that is never chosen) is allowed but not finite.
+    if not bool(torch.isfinite(logits).all()):
+        _check_logits(logits)
     if temperature == 0:
         return torch.argmax(logits, dim=-1)  # (B,)
     logits = logits.float() / temperature
@@ -547,7 +555,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json (default: the run folder's)")
     p.add_argument("--no-cache", action="store_true", help="recompute every token each step (slow)")
     p.add_argument("--device", default="cpu", help="cpu, auto, cuda, cuda:N or mps")
-    p.add_argument("--quantize", choices=("int8", "bf16"), default=None,
-                   help="decode with int8 (scales per 32 weights) or bfloat16 weights (see quantize.py)")
+    p.add_argument("--quantize", choices=("int8", "w8a8", "bf16"), default=None,
+                   help="decode with int8 (scales per 32 weights), w8a8 (int8 weights and token vectors) "
+                        "or bfloat16 weights (see quantize.py)")
     p.set_defaults(func=_cmd_generate, parser=p)
     return p

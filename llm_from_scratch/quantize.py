@@ -275,7 +275,8 @@ class _QuantizedLinear(nn.Module):
         return self.forward_reference(x)
 
     def _bias_arg(self) -> Tensor | None:
-        return None if self.bias is None else self.bias.float().contiguous()
+        bias = self.bias  # float32 and contiguous as made here: no conversion per product
+        return bias if bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()) else bias.float().contiguous()
 
 
 class Int8Linear(_QuantizedLinear):
@@ -630,7 +631,8 @@ def add_quantize_parser(subparsers) -> None:
                               description="Quantize a training checkpoint's model and save it (safetensors).")
     p.add_argument("--checkpoint", type=Path, required=True, help="run folder (or its checkpoint.safetensors)")
     p.add_argument("--dtype", choices=DTYPES, default="int8",
-                   help="int8 (scales per group), bf16, or fp32 (the weights unchanged, for the kernel's float32 layer)")
-    p.add_argument("--group-size", type=int, default=32, help="int8: weights per scale (0: one scale per row)")
+                   help="int8 (scales per group), w8a8 (int8 weights, token vectors quantized in the same groups), "
+                        "bf16, or fp32 (the weights unchanged, for the kernel's float32 layer)")
+    p.add_argument("--group-size", type=int, default=32, help="int8, w8a8: weights per scale (0: one scale per row)")
     p.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
     p.set_defaults(func=_cmd_quantize, parser=p)
