@@ -165,13 +165,14 @@ def _needs_kernel():
 # row counts that leave a remainder after 4 or 2 rows (37), groups of 16 and whole rows, and a
 # width that is no multiple of 16 (the plain loops). w8a8: groups of 32 in pairs (3, 25 and 32
 # groups: an odd one left, a second block of 16), groups of 64 and of 192 (whole 64-byte loads),
-# groups of 16 (the plain loops).
+# groups of 16 and 96 (the plain loops).
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16])
 @pytest.mark.parametrize("kind,in_features,group_size", [("int8", 64, 16), ("int8", 96, 32), ("int8", 64, None),
                                                          ("int8", 24, 8), ("bf16", 64, None), ("bf16", 24, None),
                                                          ("fp32", 64, None), ("fp32", 24, None),
                                                          ("w8a8", 96, 32), ("w8a8", 800, 32), ("w8a8", 1024, 32),
-                                                         ("w8a8", 128, 64), ("w8a8", 192, None), ("w8a8", 64, 16)])
+                                                         ("w8a8", 128, 64), ("w8a8", 192, None), ("w8a8", 64, 16),
+                                                         ("w8a8", 192, 96)])
 def test_kernel_equals_reference(rows, kind, in_features, group_size):
     _needs_kernel()
     w = _weights(37, in_features, seed=rows)

@@ -13,9 +13,9 @@
 //   w8a8:  the int8 weights as above, and each token vector quantized the same way, per group of G:
 //          x[k] ~= p[k] * t[k / G], t = max |x| / 127 over the group (float32), p = round(x / t)
 //          in [-127, 127]; a group's products are summed in int32, then scaled once by s * t
-//          (llama.cpp's q8_0 x q8_0 dot product). With AVX-512 VNNI one vpdpbusd multiplies 32
-//          pairs of bytes and adds them in fours: about 1/6 of the instructions per weight of
-//          widening every int8 weight to float32.
+//          (llama.cpp's q8_0 x q8_0 dot product). With AVX-512 VNNI one vpdpbusd multiplies 64
+//          pairs of bytes and adds them in fours: about 6 instructions per 64 weights and vector,
+//          against 16 for widening every int8 weight to float32.
 //
 // Output rows are shared among PyTorch's threads (at::parallel_for, OpenMP). With AVX-512 (the
 // course's AMD EPYC) the inner loop uses 512-bit registers; elsewhere plain loops that the compiler
@@ -238,52 +238,78 @@ float w8a8_dot_plain(const int8_t* q, const at::Half* s, const int8_t* p, const 
 }
 
 #if LLMFS_VNNI
-// vpdpbusd multiplies unsigned by signed bytes and adds each four products to an int32 lane. The
-// sign of each weight moves onto its vector byte: |q| * (sign(q) p) = q * p, with |q| <= 127 as an
-// unsigned byte and -p in [-127, 127]. (Flipping the weights' top bit instead, q + 128, and taking
-// 128 * sum(p) off afterwards leaves lanes 128 times larger than their sums: float32 then rounds
-// them worse.) 64 products of (q, p) -> the int32 lanes of acc.
-inline __m512i dot_bytes(__m512i acc, const __m512i q, __m512i p) {
-  p = _mm512_mask_sub_epi8(p, _mm512_movepi8_mask(q), _mm512_setzero_si512(), p);
-  return _mm512_dpbusd_epi32(acc, _mm512_abs_epi8(q), p);
+// vpdpbusd multiplies unsigned by signed bytes and adds each four products into an int32 lane. The
+// weights are made unsigned by flipping their top bit (q + 128, one xor), and each lane starts from
+// -128 times the sum of its four vector bytes (lanes, below), so that it ends at exactly the sum
+// of its four q * p. (Taking 128 * sum(p) off once per group instead would leave lanes 128 times
+// larger than their sums, which float32 then rounds worse.) 64 products -> the 16 int32 lanes.
+// half: the first 32 bytes only (the rest, and lanes 8-15, count as zero).
+inline __m512i dot_bytes(const __m512i w, const int8_t* p, const int32_t* lanes, bool half = false) {
+  const __m512i start = _mm512_maskz_loadu_epi32(half ? 0x00ff : 0xffff, lanes);
+  return _mm512_dpbusd_epi32(start, w, _mm512_maskz_loadu_epi8(half ? 0xffffffffull : ~0ull, p));
+}
+inline __m512i flipped(const int8_t* q, bool half = false) {  // 64 weights + 128, as unsigned bytes
+  return _mm512_xor_si512(_mm512_maskz_loadu_epi8(half ? 0xffffffffull : ~0ull, q), _mm512_set1_epi8(static_cast<char>(0x80)));
 }
 
+// lanes[i] = -128 * (p[4i] + ... + p[4i + 3]) for the K / 4 lanes of one quantized vector
+void lane_offsets(const int8_t* p, int64_t K, int32_t* lanes) {
+  for (int64_t i = 0; i < K / 4; ++i)
+    lanes[i] = -128 * (static_cast<int32_t>(p[4 * i]) + p[4 * i + 1] + p[4 * i + 2] + p[4 * i + 3]);
+}
+
+// One weight row times M quantized vectors (p, t, lanes: M of each, strides K, K / G, K / 4):
+// each 64 weights are loaded and flipped once for all M.
 // G == 32: each 64-byte load holds two groups, whose sums land in lanes 0-7 and 8-15. Sixteen
 // groups' scales s * t are one vector; each pair of groups takes its two from it by a permute.
-float w8a8_dot_pairs(const int8_t* q, const at::Half* s, const int8_t* p, const float* t, int64_t K) {
+template <int M>
+void w8a8_row_pairs(const int8_t* q, const at::Half* s, const int8_t* p, const float* t, const int32_t* lanes,
+                    int64_t K, float* out) {
   const int64_t groups = K / 32;
   const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);  // lane -> group of the pair
-  __m512 total = _mm512_setzero_ps();
+  __m512 total[M];
+  for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
   for (int64_t g0 = 0; g0 < groups; g0 += 16) {
     const int64_t n = std::min<int64_t>(16, groups - g0);
     const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
-    const __m512 scales = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, s + g0)),
-                                        _mm512_maskz_loadu_ps(mask, t + g0));  // (16,) s * t
-    for (int64_t j = 0; j < n; j += 2) {
+    const __m512 sw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, s + g0));  // (16,) weight scales
+    __m512 scales[M];  // (16,) s * t for each vector
+    for (int m = 0; m < M; ++m) scales[m] = _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(mask, t + m * (K / 32) + g0));
+    __m512i index = pair;
+    for (int64_t j = 0; j < n; j += 2, index = _mm512_add_epi32(index, _mm512_set1_epi32(2))) {
       const int64_t k = (g0 + j) * 32;
       _mm_prefetch(reinterpret_cast<const char*>(q + k) + kPrefetchBytes, _MM_HINT_T0);
-      const __mmask64 bytes = j + 1 < n ? ~0ull : 0xffffffffull;  // the last group alone when their number is odd
-      const __m512i sums = dot_bytes(_mm512_setzero_si512(), _mm512_maskz_loadu_epi8(bytes, q + k),
-                                     _mm512_maskz_loadu_epi8(bytes, p + k));  // (16,) int32
-      const __m512i index = _mm512_add_epi32(pair, _mm512_set1_epi32(static_cast<int>(j)));
-      total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(index, scales), total);
+      const bool half = j + 1 == n;  // the last group alone when their number is odd
+      const __m512i w = flipped(q + k, half);
+      for (int m = 0; m < M; ++m) {
+        const __m512i sums = dot_bytes(w, p + m * K + k, lanes + m * (K / 4) + k / 4, half);  // (16,) int32
+        total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(index, scales[m]), total[m]);
+      }
     }
   }
-  return _mm512_reduce_add_ps(total);
+  for (int m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(total[m]);
 }
 
 // G a multiple of 64: one group is one or more whole 64-byte loads.
-float w8a8_dot_wide(const int8_t* q, const at::Half* s, const int8_t* p, const float* t, int64_t K, int64_t G) {
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t g = 0; g < K / G; ++g) {
-    __m512i sums = _mm512_setzero_si512();
+template <int M>
+void w8a8_row_wide(const int8_t* q, const at::Half* s, const int8_t* p, const float* t, const int32_t* lanes,
+                   int64_t K, int64_t G, float* out) {
+  const int64_t groups = K / G;
+  __m512 total[M];
+  for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i sums[M];
+    for (int m = 0; m < M; ++m) sums[m] = _mm512_setzero_si512();
     for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(q + k) + kPrefetchBytes, _MM_HINT_T0);
-      sums = dot_bytes(sums, _mm512_loadu_si512(q + k), _mm512_loadu_si512(p + k));
+      const __m512i w = flipped(q + k);
+      for (int m = 0; m < M; ++m) sums[m] = _mm512_add_epi32(sums[m], dot_bytes(w, p + m * K + k, lanes + m * (K / 4) + k / 4));
     }
-    total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(half_to_float(s[g]) * t[g]), total);
+    const float sg = half_to_float(s[g]);
+    for (int m = 0; m < M; ++m)
+      total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[m]), _mm512_set1_ps(sg * t[m * groups + g]), total[m]);
   }
-  return _mm512_reduce_add_ps(total);
+  for (int m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(total[m]);
 }
 #endif
 
@@ -346,6 +372,12 @@ at::Tensor int8_act_linear(const at::Tensor& x, const at::Tensor& qweight, const
   std::vector<float> t(M * groups);
   const float* xp = x.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) quantize_vector(xp + m * K, K, G, &p[m * K], &t[m * groups]);
+#if LLMFS_VNNI
+  std::vector<int32_t> lanes(M * K / 4);  // each vector's lane offsets, for dot_bytes
+  const bool vnni = G == 32 || G % 64 == 0;  // the loops below; other group sizes take the plain ones
+  if (vnni)
+    for (int64_t m = 0; m < M; ++m) lane_offsets(&p[m * K], K, &lanes[m * K / 4]);
+#endif
   at::Tensor y = at::empty({M, N}, x.options());
   const int8_t* q = qweight.data_ptr<int8_t>();
   const at::Half* s = scales.data_ptr<at::Half>();
@@ -353,18 +385,24 @@ at::Tensor int8_act_linear(const at::Tensor& x, const at::Tensor& qweight, const
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   at::parallel_for(0, N, grain(K, 1), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t m = 0; m < M; ++m) {  // the row stays in the L1 cache for the vectors after the first
+      const int8_t* qn = q + n * K;
+      const at::Half* sn = s + n * groups;
 #if LLMFS_VNNI
-        const int8_t* qn = q + n * K;
-        const at::Half* sn = s + n * groups;
-        const float dot = G == 32       ? w8a8_dot_pairs(qn, sn, &p[m * K], &t[m * groups], K)
-                          : G % 64 == 0 ? w8a8_dot_wide(qn, sn, &p[m * K], &t[m * groups], K, G)
-                                        : w8a8_dot_plain(qn, sn, &p[m * K], &t[m * groups], K, G);
-#else
-        const float dot = w8a8_dot_plain(q + n * K, s + n * groups, &p[m * K], &t[m * groups], K, G);
-#endif
-        yp[m * N + n] = dot + (bp ? bp[n] : 0.f);
+      if (vnni) {
+        for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {  // up to 8 vectors per pass over the row
+          float dots[kMaxRows];
+          dispatch_rows(std::min(kMaxRows, M - m0), [&](auto rows) {
+            constexpr int R = decltype(rows)::value;
+            if (G == 32) w8a8_row_pairs<R>(qn, sn, &p[m0 * K], &t[m0 * groups], &lanes[m0 * K / 4], K, dots);
+            else w8a8_row_wide<R>(qn, sn, &p[m0 * K], &t[m0 * groups], &lanes[m0 * K / 4], K, G, dots);
+          });
+          for (int64_t m = m0; m < std::min(M, m0 + kMaxRows); ++m) yp[m * N + n] = dots[m - m0] + (bp ? bp[n] : 0.f);
+        }
+        continue;
       }
+#endif
+      for (int64_t m = 0; m < M; ++m)  // the row stays in the L1 cache for the vectors after the first
+        yp[m * N + n] = w8a8_dot_plain(qn, sn, &p[m * K], &t[m * groups], K, G) + (bp ? bp[n] : 0.f);
     }
   });
   return y;
