@@ -167,6 +167,20 @@ class KVCache:
         self._length = new_length
         return self.keys, self.values  # (B, n_heads, T_cache + T_new, head_dim)
 
+    def storage(self) -> tuple[Tensor | None, Tensor | None]:
+        """The preallocated keys and values ``(B, n_heads, capacity, head_dim)``, filled up to ``len(self)``.
+
+        For code that writes a new token's entries in place itself (``quantize.DecodeBlock``'s
+        fused step) and then calls ``extend``.
+        """
+        return self._keys, self._values
+
+    def extend(self, n: int) -> None:
+        """Count ``n`` more tokens as cached: their keys and values were written into ``storage()`` in place."""
+        if n < 0 or self._length + n > self.capacity:
+            raise ValueError(f"cannot extend a cache of {self._length} tokens by {n} within capacity {self.capacity}")
+        self._length += n
+
     def reset(self) -> None:
         """Empty the cache (start a new sequence)."""
         self._keys = self._values = None

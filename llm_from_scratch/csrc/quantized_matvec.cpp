@@ -22,7 +22,11 @@
 // vectorises for whatever the CPU has. What it does not do: gradients, or anything but the CPU.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/layer_norm.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -446,6 +450,47 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const c10::
   return dense_linear(x, weight.data_ptr<float>(), weight.size(0), bias, f32_plain);
 }
 
+// ---- one decode step of a GPT block ------------------------------------------------------------
+// DecodeBlock's short path (quantize.py) in one call: the same ATen operations in the same order
+// as Block.forward (layer norm, the four products, the cache write, attention, GELU, the two
+// residual additions), so the same bits, without a trip through Python between them. x (B, 1, C);
+// the layers' formats in kinds (0 fp32, 1 bf16, 2 int8, 3 w8a8) with their weights, scales (int8
+// and w8a8) and biases; key_store / value_store (B, n_heads, capacity, head_dim) hold `length`
+// cached tokens, and this token's key and value are written at position `length`.
+at::Tensor product(int64_t kind, const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& s,
+                   const c10::optional<at::Tensor>& b) {
+  switch (kind) {
+    case 0: return f32_linear(h, w, b);
+    case 1: return bf16_linear(h, w, b);
+    case 2: return int8_linear(h, w, *s, b);
+    case 3: return int8_act_linear(h, w, *s, b);
+    default: TORCH_CHECK(false, "decode_block: unknown layer kind ", kind);
+  }
+}
+
+at::Tensor decode_block(const at::Tensor& x, const std::vector<c10::optional<at::Tensor>>& norms, at::ArrayRef<double> eps,
+                        at::IntArrayRef kinds, const at::TensorList weights, const std::vector<c10::optional<at::Tensor>>& scales,
+                        const std::vector<c10::optional<at::Tensor>>& biases, const at::Tensor& key_store,
+                        const at::Tensor& value_store, int64_t length, int64_t n_heads, c10::string_view approximate) {
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && norms.size() == 4 && eps.size() == 2 && kinds.size() == 4 &&
+                  weights.size() == 4 && scales.size() == 4 && biases.size() == 4,
+              "decode_block: x (B, 1, C), 4 norm tensors, 2 eps, and 4 layers");
+  TORCH_CHECK(key_store.dim() == 4 && length < key_store.size(2) && key_store.size(0) == x.size(0) &&
+                  key_store.size(1) == n_heads,
+              "decode_block: the cache's storage must be (B, n_heads, capacity, head_dim) with room for one token");
+  const int64_t B = x.size(0), C = x.size(2), D = C / n_heads;
+  at::Tensor h = at::layer_norm(x, {C}, norms[0], norms[1], eps[0]).view({B, C});
+  std::vector<at::Tensor> qkv = product(kinds[0], h, weights[0], scales[0], biases[0]).view({B, 3, n_heads, 1, D}).unbind(1);
+  key_store.narrow(2, length, 1).copy_(qkv[1]);  // (B, n_heads, 1, head_dim): in place, as KVCache.append
+  value_store.narrow(2, length, 1).copy_(qkv[2]);
+  at::Tensor y = at::scaled_dot_product_attention(qkv[0], key_store.narrow(2, 0, length + 1),
+                                                  value_store.narrow(2, 0, length + 1));
+  at::Tensor out = at::add(x, product(kinds[1], y.reshape({B, C}), weights[1], scales[1], biases[1]).view({B, 1, C}));
+  h = at::layer_norm(out, {C}, norms[2], norms[3], eps[1]).view({B, C});
+  h = at::gelu(product(kinds[2], h, weights[2], scales[2], biases[2]), approximate);
+  return at::add(out, product(kinds[3], h, weights[3], scales[3], biases[3]).view({B, 1, C}));
+}
+
 // Which inner loops this build uses: "avx512-vnni", "avx512" or "plain"; Python checks that the CPU runs it.
 std::string isa() { return LLMFS_VNNI ? "avx512-vnni" : LLMFS_AVX512 ? "avx512" : "plain"; }
 
@@ -456,6 +501,8 @@ TORCH_LIBRARY(llm_from_scratch_quantized, m) {
   m.def("int8_act_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("f32_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("decode_block(Tensor x, Tensor?[] norms, float[] eps, int[] kinds, Tensor[] weights, Tensor?[] scales, "
+        "Tensor?[] biases, Tensor(a!) key_store, Tensor(b!) value_store, int length, int n_heads, str approximate) -> Tensor");
   m.def("isa() -> str");
 }
 
@@ -464,6 +511,7 @@ TORCH_LIBRARY_IMPL(llm_from_scratch_quantized, CPU, m) {
   m.impl("int8_act_linear", int8_act_linear);
   m.impl("bf16_linear", bf16_linear);
   m.impl("f32_linear", f32_linear);
+  m.impl("decode_block", decode_block);
 }
 
 TORCH_LIBRARY_IMPL(llm_from_scratch_quantized, CompositeExplicitAutograd, m) {
