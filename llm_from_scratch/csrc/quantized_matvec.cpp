@@ -54,8 +54,10 @@ namespace {
 constexpr int64_t kMaxRows = 8;  // token vectors per pass over a weight row (more: several passes)
 // Ask for the weights this far ahead of the ones being multiplied: one core's hardware prefetcher
 // alone keeps too few reads in flight (without it: 7.5 GB/s of int8 weights on one core of the
-// course's machine, with it 15-21, a plain torch sum reads 21; benchmarks/RESULTS.md).
-constexpr int64_t kPrefetchBytes = 8192;
+// course's machine, with it 15-21, a plain torch sum reads 21; benchmarks/RESULTS.md). With the
+// weights on 2 MiB pages (quantize._huge_page_copy) 16 KiB ahead reads float32 best (28-30 GB/s on
+// two threads against 28 at 8 KiB, 28 at 24 KiB and 28 at 32 KiB).
+constexpr int64_t kPrefetchBytes = 16384;
 
 #if defined(__F16C__)
 // One instruction (F16C) instead of c10::Half's bit manipulation: a scale per group is converted
