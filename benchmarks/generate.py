@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/generate.py [--new-tokens 512] [--no-cache-tokens 64] [--prompt-length 16]
                                             [--preset gpt2_small] [--threads 0] [--repeats 3]
-                                            [--formats fp32,fp32-kernel,bf16,int8] [--batch-sizes 1,8] [--formats-only]
+                                            [--formats fp32,fp32-kernel,bf16,int8,w8a8] [--batch-sizes 1,8]
+                                            [--formats-only]
                                             [--gguf-dir artifacts/bench] [--no-llama-cpp]
                                             [--llama-cpp-extra-buffers auto|on|off]
 
@@ -29,9 +30,11 @@ uncached run is then *estimated*: one uncached step (a forward pass over the who
 step and summed. The table shows that estimate next to the measured N-token run and the estimate for those N tokens
 (a check of the estimate). ``--no-cache-tokens`` equal to ``--new-tokens`` times the whole uncached run instead.
 
-Weight formats and the roofline (``--formats fp32,fp32-kernel,bf16,int8``, ``--batch-sizes 1,8``; ``--formats-only``
-skips the comparisons above): the same model as it is (float32, ``nn.Linear``) and through ``quantize.quantize_model``
-(float32 weights unchanged in the kernel's layers, "fp32-kernel"; bfloat16; int8 with scales per 32 weights), each generating ``--new-tokens`` greedy tokens with the cache at every batch size (a batch
+Weight formats and the roofline (``--formats fp32,fp32-kernel,bf16,int8,w8a8``, ``--batch-sizes 1,8``;
+``--formats-only`` skips the comparisons above): the same model as it is (float32, ``nn.Linear``) and through
+``quantize.quantize_model`` (float32 weights unchanged in the kernel's layers, "fp32-kernel"; bfloat16; int8 with
+scales per 32 weights; w8a8, the same int8 weights with each token vector rounded to int8 in the same groups of 32),
+each generating ``--new-tokens`` greedy tokens with the cache at every batch size (a batch
 repeats the prompt with different random tokens). The rows are timed in ``--repeats`` rounds, the order rotating
 every round; medians. The machine's read bandwidth is measured in the same run, before and after the rows (a torch
 sum over 1 GiB of float32 on the same threads, best of 5), and each row's *roofline* is what that bandwidth allows
@@ -44,13 +47,13 @@ are built (or loaded from the cache) before the timed runs.
 llama.cpp beside ours (optional, never needed by the tests): when ``llama_cpp`` (llama-cpp-python) and ``gguf`` are
 importable and ``--gguf-dir`` holds this model as GGUF files (``<preset>-seed<seed>-{f32,f16,q8_0}.gguf``, written
 by ``scripts/gpt2_to_gguf.py``; ``bash scripts/build_llama_cpp.sh`` builds llama.cpp with ``-DGGML_NATIVE=ON`` in
-a separate venv and writes them), the table gets rows "llama.cpp f32 / f16 / q8_0" for the formats fp32 / bf16 /
-int8 at batch 1: the same weights, greedy (temperature 0, top-k 1, no repetition penalty), the same prompt and
-number of new tokens, ``n_threads`` = torch's threads, timed in the same rotating rounds. Their roofline counts the
+a separate venv and writes them), the table gets rows "llama.cpp f32 / f16 / q8_0" at batch 1: the same weights,
+greedy (temperature 0, top-k 1, no repetition penalty), the same prompt and number of new tokens, ``n_threads`` = torch's threads, timed in the same rotating rounds. Their roofline counts the
 GGUF weight matrices at their sizes in the file (f32 4 bytes, f16 2, q8_0 34 per 32 weights; the tied embedding
 once, as the output matrix) plus llama.cpp's key/value cache (float16, its default). "vs fp32" of a llama.cpp row
-is against llama.cpp f32; "ours / llama.cpp" is our matching row's tokens/s over llama.cpp's (fp32-kernel, or fp32
-when it is not in ``--formats``, vs f32; bf16 vs f16; int8 vs q8_0); "same tokens as fp32" compares with our fp32 tokens.
+is against llama.cpp f32; "ours / llama.cpp" is our matching row's tokens/s over llama.cpp's (``LLAMA_CPP_MATCH``:
+fp32-kernel, or fp32 when it is not in ``--formats``, vs f32; bf16 vs f16; w8a8, or int8 without it, vs q8_0, whose
+products round the token vectors to 8 bits too); "same tokens as fp32" compares with our fp32 tokens.
 """
 
 from __future__ import annotations

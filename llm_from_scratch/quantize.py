@@ -276,8 +276,17 @@ class _QuantizedLinear(nn.Module):
                 return y.view(*x.shape[:-1], self.out_features)
         return self.forward_reference(x)
 
+    #: The layer's format for the kernel's ``decode_block`` (0 fp32, 1 bf16, 2 int8, 3 w8a8), and its weight buffer.
+    kind: int
+    _weight_name = "weight"
+
+    def kernel_args(self) -> tuple[int, Tensor, Tensor | None, Tensor | None]:
+        """``(kind, weight, scales, bias)`` for ``decode_block``, read from the buffers directly (once per step)."""
+        buffers = self._buffers
+        return self.kind, buffers[self._weight_name], buffers.get("scales"), self._bias_arg()
+
     def _bias_arg(self) -> Tensor | None:
-        bias = self.bias  # float32 and contiguous as made here: no conversion per product
+        bias = self._buffers["bias"]  # float32 and contiguous as made here: no conversion per product
         return bias if bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()) else bias.float().contiguous()
 
 
@@ -307,16 +316,8 @@ class Int8Linear(_QuantizedLinear):
     def dequantize(self) -> Tensor:
         return dequantize_int8(self.qweight, self.scales)
 
-    #: The layer's format for the kernel's ``decode_block`` (0 fp32, 1 bf16, 2 int8, 3 w8a8).
     kind = 2
-
-    @property
-    def kernel_weight(self) -> Tensor:
-        return self.qweight
-
-    @property
-    def kernel_scales(self) -> Tensor | None:
-        return self.scales
+    _weight_name = "qweight"
 
     def _kernel_product(self, ops: Any, x: Tensor) -> Tensor:
         return ops.int8_linear(x, self.qweight, self.scales, self._bias_arg())
@@ -373,12 +374,6 @@ class _DenseLinear(_QuantizedLinear):
 
     def dequantize(self) -> Tensor:
         return self.weight.float()
-
-    @property
-    def kernel_weight(self) -> Tensor:
-        return self.weight
-
-    kernel_scales = None
 
     def _kernel_product(self, ops: Any, x: Tensor) -> Tensor:
         return getattr(ops, self.kernel_op)(x, self.weight, self._bias_arg())
@@ -442,12 +437,13 @@ class DecodeBlock(Block):
                 or not all(isinstance(m, _QuantizedLinear) and m.use_kernel for m in layers)):
             return super().forward(x, kv_cache=kv_cache, padding_mask=padding_mask)
         keys, values = kv_cache.storage()  # (B, n_heads, capacity, head_dim)
-        if len(kv_cache) < keys.size(2):  # room for this token: the whole step in one call of the kernel
-            ln_1, ln_2 = self.ln_1, self.ln_2
-            y = ops.decode_block(x.contiguous(), [ln_1.weight, ln_1.bias, ln_2.weight, ln_2.bias], [ln_1.eps, ln_2.eps],
-                                 [m.kind for m in layers], [m.kernel_weight for m in layers],
-                                 [m.kernel_scales for m in layers], [m._bias_arg() for m in layers],
-                                 keys, values, len(kv_cache), attn.n_heads, mlp.gelu.approximate)
+        length = len(kv_cache)
+        if length < keys.size(2):  # room for this token: the whole step in one call of the kernel
+            ln_1, ln_2 = self.ln_1._parameters, self.ln_2._parameters
+            kinds, weights, scales, biases = zip(*(m.kernel_args() for m in layers))
+            y = ops.decode_block(x.contiguous(), (ln_1["weight"], ln_1["bias"], ln_2["weight"], ln_2["bias"]),
+                                 (self.ln_1.eps, self.ln_2.eps), kinds, weights, scales, biases, keys, values, length,
+                                 attn.n_heads, mlp.gelu.approximate)
             kv_cache.extend(1)
             return y
         return self._short_forward(ops, x, kv_cache, layers)  # the cache grows (KVCache.append) this step
@@ -510,10 +506,10 @@ def _huge_page_copy(t: Tensor) -> Tensor:
 
 
 def _weights_on_huge_pages(model: nn.Module) -> None:
-    """Move every kernel layer's weight matrix (``kernel_weight``) onto huge pages, in place."""
+    """Move every kernel layer's weight matrix (``qweight`` or ``weight``) onto huge pages, in place."""
     for module in model.modules():
         if isinstance(module, _QuantizedLinear):
-            name = "qweight" if isinstance(module, Int8Linear) else "weight"
+            name = module._weight_name
             setattr(module, name, _huge_page_copy(getattr(module, name)))
 
 
