@@ -20,10 +20,14 @@ float32, 2 in bfloat16, about 1 in int8. This module holds:
   so that float32 gets the same fast path as the smaller formats. Everything else (a
   long prompt, gradients, another device, no compiler) runs the plain reference:
   dequantize, then ``F.linear``. Both compute the same float32 sums up to their order;
+* ``W8A8Linear`` and ``quantize_activations``: the same int8 weights multiplied by token vectors
+  rounded to int8 too, in the same groups (llama.cpp's ``q8_0`` product): each group's products
+  are summed in int32 and scaled once, a few instructions per 64 weights with AVX-512 VNNI;
 * ``quantize_model``: a copy of a model with every ``nn.Linear`` replaced (the output layer too:
   when it is tied to the token embedding, the embedding stays float32 for the look-up and the
   output layer gets its own quantized copy), and GPT's blocks given ``DecodeBlock``'s shorter
-  path for a decode step (the same operations without the modules' Python overhead);
+  path for a decode step (the same operations without the modules' Python overhead: one call of
+  the kernel's ``decode_block`` per block), and the weight matrices on transparent huge pages;
 * ``save_quantized`` / ``load_quantized``: one safetensors file with the quantized weights,
   their scales and the model's configuration, written atomically.
 
@@ -31,8 +35,8 @@ The kernel is compiled on first use (about 10-30 s, with ``g++ -O3 -march=native
 OpenMP) into ``~/.cache/llm_from_scratch/extensions`` (``$XDG_CACHE_HOME`` is honoured), one
 build per source, PyTorch version and CPU. Where that fails (no compiler, no ninja) a warning
 is issued once and the reference runs instead; ``LLM_FROM_SCRATCH_NO_KERNELS=1`` skips the
-kernel altogether. It does not quantize activations or the key/value cache, train quantized
-weights (QLoRA), or use GPU kernels.
+kernel altogether. It does not quantize the key/value cache, train quantized weights (QLoRA), or
+use GPU kernels.
 """
 
 from __future__ import annotations
@@ -417,10 +421,11 @@ class DecodeBlock(Block):
     (the chapter "Fast generation" profiles it). For one new token per sequence after cached
     ones (no padding mask, eval mode, no gradients, at most ``KERNEL_MAX_ROWS`` float32 CPU
     rows, PyTorch's attention (``use_sdpa``), the kernel built and every linear layer a kernel
-    layer) this ``forward`` calls the kernel's products directly and splits the heads with one
-    view, skipping the modules' calls and checks; the operations and their order are
-    ``Block.forward``'s, so the result is the same to the last bit (``tests/test_quantize.py``
-    checks it). Anything else runs ``Block.forward``.
+    layer) this ``forward`` hands the whole step to the kernel's ``decode_block``, which runs
+    ``Block.forward``'s ATen operations in its order from C++ (and writes the new key and value
+    into the cache's storage in place), so the result is the same to the last bit
+    (``tests/test_quantize.py`` checks it); a step whose cache must first grow takes
+    ``_short_forward``, the same steps in Python. Anything else runs ``Block.forward``.
     """
 
     #: ``False`` (on the class or a block) sends every step through ``Block.forward``.
@@ -440,7 +445,7 @@ class DecodeBlock(Block):
         length = len(kv_cache)
         if length < keys.size(2):  # room for this token: the whole step in one call of the kernel
             ln_1, ln_2 = self.ln_1._parameters, self.ln_2._parameters
-            kinds, weights, scales, biases = zip(*(m.kernel_args() for m in layers))
+            kinds, weights, scales, biases = zip(*(m.kernel_args() for m in layers), strict=True)
             y = ops.decode_block(x.contiguous(), (ln_1["weight"], ln_1["bias"], ln_2["weight"], ln_2["bias"]),
                                  (self.ln_1.eps, self.ln_2.eps), kinds, weights, scales, biases, keys, values, length,
                                  attn.n_heads, mlp.gelu.approximate)

@@ -416,6 +416,87 @@ def test_decode_block_short_path_equals_block_forward(kind, monkeypatch):
     assert calls == [5] * layers + [1] * (2 * layers)
 
 
+def test_decode_block_kernel_and_growing_cache_equal_block_forward(monkeypatch):
+    # Caches of 8 tokens at first: the steps that find the cache full grow it through
+    # _short_forward (KVCache.append), the others run decode_block; every step's output equals
+    # Block.forward's to the last bit, and both paths ran.
+    _needs_kernel()
+    from llm_from_scratch.attention import KVCache
+
+    fast = quantize_model(_model(seed=2), "w8a8")
+    paths = {"kernel": 0, "python": 0}
+    ops = quantize.kernels()
+    original_short = quantize.DecodeBlock._short_forward
+
+    def short(self, *args):
+        paths["python"] += 1
+        return original_short(self, *args)
+
+    monkeypatch.setattr(quantize.DecodeBlock, "_short_forward", short)
+
+    class CountingOps:
+        def __getattr__(self, name):
+            if name == "decode_block":
+                paths["kernel"] += 1
+            return getattr(ops, name)
+
+    monkeypatch.setattr(quantize, "kernels", lambda: CountingOps())
+    tokens = torch.tensor([[4, 8, 15], [16, 23, 42]])
+    caches = {name: [KVCache(initial_capacity=8) for _ in fast.transformer.h] for name in ("short", "plain")}
+    with torch.no_grad():
+        for step in range(20):
+            inputs = tokens if step == 0 else tokens[:, -1:]
+            quantize.DecodeBlock.short_path = False
+            try:
+                plain = fast(inputs, kv_cache=caches["plain"])
+            finally:
+                quantize.DecodeBlock.short_path = True
+            short_logits = fast(inputs, kv_cache=caches["short"])
+            assert torch.equal(short_logits, plain), step
+            tokens = torch.cat([tokens, plain[:, -1].argmax(-1, keepdim=True)], dim=1)
+    layers = len(fast.transformer.h)
+    assert paths["python"] == 2 * layers  # the steps at 8 and 16 cached tokens grew the caches
+    assert paths["kernel"] >= (19 - 2) * layers
+    assert len(caches["short"][0]) == 3 + 19 and caches["short"][0].capacity == 32
+
+
+def test_kv_cache_extend_checks_its_capacity():
+    from llm_from_scratch.attention import KVCache
+
+    cache = KVCache(initial_capacity=4)
+    cache.append(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8))
+    keys, values = cache.storage()
+    keys[..., 3, :] = 1.0
+    cache.extend(1)
+    assert len(cache) == 4 and bool((cache.keys[..., 3, :] == 1).all())
+    with pytest.raises(ValueError, match="cannot extend a cache of 4 tokens by 1 within capacity 4"):
+        cache.extend(1)
+
+
+def test_huge_page_copy_keeps_values_and_memory(tmp_path):
+    import gc
+    import sys
+
+    t = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))  # 4 MiB
+    expected = t.clone()
+    copy_ = quantize._huge_page_copy(t)
+    assert copy_ is not t and copy_.dtype == t.dtype and copy_.shape == t.shape and copy_.is_contiguous()
+    del t
+    gc.collect()
+    assert torch.equal(copy_, expected)  # the mapping lives as long as the tensor
+    if sys.platform == "linux":
+        assert copy_.data_ptr() % (2 << 20) == 0  # starts on a 2 MiB boundary
+    small = torch.ones(8)
+    assert quantize._huge_page_copy(small) is small  # under one huge page: left as it is
+    # A quantized model whose output layer is big enough is saved and loaded as before.
+    model = quantize_model(_model(vocab_size=4096, d_model=256, n_layers=1, n_heads=4), "fp32")
+    assert model.lm_head.weight.data_ptr() % (2 << 20) == 0 or sys.platform != "linux"
+    loaded, _ = load_quantized(save_quantized(model, tmp_path / "big.safetensors"))
+    assert loaded.lm_head.weight.data_ptr() % (2 << 20) == 0 or sys.platform != "linux"
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
