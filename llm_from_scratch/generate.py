@@ -9,7 +9,7 @@ Explained in the chapter "Generating text" (chapters/06_generation.ipynb). This 
   without the key/value cache; ``generate``: the same, returned as one tensor;
 * ``pad_prompts``: prompts of different lengths as one left-padded batch and its mask;
 * ``load_model`` and ``add_generate_parser``: ``python -m llm_from_scratch generate`` (with
-  ``--quantize int8|bf16``, or a file written by ``python -m llm_from_scratch quantize``, it
+  ``--quantize int8|w8a8|bf16``, or a file written by ``python -m llm_from_scratch quantize``, it
   decodes with the quantized layers of ``quantize.py``).
 
 It holds no model code: the key/value cache lives in ``attention.py`` (``KVCache``) and the

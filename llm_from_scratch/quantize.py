@@ -220,7 +220,10 @@ def _build_kernels() -> Any:
 
 
 def kernels() -> Any:
-    """The compiled ops (``int8_linear``, ``bf16_linear``, ``f32_linear``), built on the first call; None when unavailable.
+    """The compiled ops, built on the first call; None when unavailable.
+
+    ``int8_linear``, ``bf16_linear``, ``f32_linear`` and ``int8_act_linear`` (w8a8) multiply a few
+    token vectors by a layer's weights; ``decode_block`` runs one block's decode step (``DecodeBlock``).
 
     Unavailable: ``LLM_FROM_SCRATCH_NO_KERNELS=1``, or the build failed (a warning says why,
     once; the layers then run their reference).
@@ -337,7 +340,7 @@ class W8A8Linear(Int8Linear):
     The same weights, scales and files as ``Int8Linear``; each product first rounds the token
     vector to int8 in groups of ``group_size`` (the weights' groups), multiplies bytes by
     bytes, sums each group in int32 and scales it once: llama.cpp's ``q8_0`` matrix-vector
-    product. With AVX-512 VNNI the kernel does that in a few instructions per 32 weights;
+    product. With AVX-512 VNNI the kernel does that in a few instructions per 64 weights;
     the reference (``forward_reference``) quantizes and dequantizes the vector, then
     ``F.linear``. Both compute the same products of the same int8 values, so they agree up to
     the float32 rounding of the sums. The price is a second rounding, of the activations:

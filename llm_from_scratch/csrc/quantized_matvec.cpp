@@ -1,4 +1,5 @@
-// Matrix-vector products with int8 (group-wise scales) or bfloat16 weights, for decoding on the CPU.
+// Matrix-vector products with int8 (group-wise scales), bfloat16 or float32 weights, and one GPT block's
+// decode step (decode_block), for decoding on the CPU.
 //
 // Explained with llm_from_scratch/quantize.py, which builds this file on first use and checks every
 // result against its plain reference (dequantize the weights, then F.linear). A decode step
@@ -18,7 +19,7 @@
 //          against 16 for widening every int8 weight to float32.
 //
 // Output rows are shared among PyTorch's threads (at::parallel_for, OpenMP). With AVX-512 (the
-// course's AMD EPYC) the inner loop uses 512-bit registers; elsewhere plain loops that the compiler
+// course's AMD EPYC and Intel Xeon machines) the inner loop uses 512-bit registers; elsewhere plain loops that the compiler
 // vectorises for whatever the CPU has. What it does not do: gradients, or anything but the CPU.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -56,8 +57,12 @@ constexpr int64_t kMaxRows = 8;  // token vectors per pass over a weight row (mo
 // alone keeps too few reads in flight (without it: 7.5 GB/s of int8 weights on one core of the
 // course's machine, with it 15-21, a plain torch sum reads 21; benchmarks/RESULTS.md). With the
 // weights on 2 MiB pages (quantize._huge_page_copy) 16 KiB ahead reads float32 best (28-30 GB/s on
-// two threads against 28 at 8 KiB, 28 at 24 KiB and 28 at 32 KiB).
-constexpr int64_t kPrefetchBytes = 16384;
+// two threads against 28 at 8 KiB, 28 at 24 KiB and 28 at 32 KiB). -DLLMFS_PREFETCH_BYTES=N builds
+// another distance.
+#ifndef LLMFS_PREFETCH_BYTES
+#define LLMFS_PREFETCH_BYTES 16384
+#endif
+constexpr int64_t kPrefetchBytes = LLMFS_PREFETCH_BYTES;
 
 #if defined(__F16C__)
 // One instruction (F16C) instead of c10::Half's bit manipulation: a scale per group is converted
@@ -331,16 +336,22 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::opti
   }
 }
 
+// int8 weights (N, K) with float16 scales (N, K / G): what int8_linear and int8_act_linear check.
+void check_int8_inputs(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& bias, const char* op) {
+  check_inputs(x, qweight, bias);
+  TORCH_CHECK(qweight.scalar_type() == at::kChar, op, ": qweight must be int8");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.dim() == 2 && scales.is_contiguous() &&
+                  scales.size(0) == qweight.size(0) && qweight.size(1) % scales.size(1) == 0,
+              op, ": scales must be a contiguous float16 (N, K / group_size) tensor");
+}
+
 // Rows per task: about 64 KiB of weights, so that each thread gets a long stretch of memory to stream.
 int64_t grain(int64_t K, int64_t bytes_per_weight) { return std::max<int64_t>(16, (1 << 16) / (K * bytes_per_weight)); }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                        const c10::optional<at::Tensor>& bias) {
-  check_inputs(x, qweight, bias);
-  TORCH_CHECK(qweight.scalar_type() == at::kChar, "int8_linear: qweight must be int8");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.dim() == 2 && scales.is_contiguous() &&
-                  scales.size(0) == qweight.size(0) && qweight.size(1) % scales.size(1) == 0,
-              "int8_linear: scales must be a contiguous float16 (N, K / group_size) tensor");
+  check_int8_inputs(x, qweight, scales, bias, "int8_linear");
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), G = K / scales.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
   const int8_t* q = qweight.data_ptr<int8_t>();
@@ -367,11 +378,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
 
 at::Tensor int8_act_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                            const c10::optional<at::Tensor>& bias) {
-  check_inputs(x, qweight, bias);
-  TORCH_CHECK(qweight.scalar_type() == at::kChar, "int8_act_linear: qweight must be int8");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.dim() == 2 && scales.is_contiguous() &&
-                  scales.size(0) == qweight.size(0) && qweight.size(1) % scales.size(1) == 0,
-              "int8_act_linear: scales must be a contiguous float16 (N, K / group_size) tensor");
+  check_int8_inputs(x, qweight, scales, bias, "int8_act_linear");
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), groups = scales.size(1), G = K / groups;
   // The token vectors quantized once, before the threads share the rows: (M, K) bytes, (M, groups) scales.
   std::vector<int8_t> p(M * K);
