@@ -19,8 +19,9 @@
 //          against 16 for widening every int8 weight to float32.
 //
 // Output rows are shared among PyTorch's threads (at::parallel_for, OpenMP). With AVX-512 (the
-// course's AMD EPYC and Intel Xeon machines) the inner loop uses 512-bit registers; elsewhere plain loops that the compiler
-// vectorises for whatever the CPU has. What it does not do: gradients, or anything but the CPU.
+// course's AMD EPYC and Intel Xeon machines) the inner loop uses 512-bit registers; elsewhere
+// plain loops that the compiler vectorises for whatever the CPU has. What it does not do:
+// gradients, or anything but the CPU.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
