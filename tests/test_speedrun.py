@@ -93,7 +93,11 @@ def test_wall_clock_budget_is_respected():
     model = build_model(TINY, 64)
     run = train_for_budget(model, tiny_ids(), TINY, Budget(seconds=1.0, clock="wall"))
     assert run.steps >= 1
-    assert run.seconds <= 1.0
+    # The rule (tested exactly with a fake clock above) predicts the next step from the slowest
+    # recent one; on a shared machine one step can still run slower than that prediction, so the
+    # wall clock may pass the budget by a little (a tiny step here takes ~7 ms); 0.1 s is many steps.
+    assert run.seconds <= 1.0 + 0.1
+    assert run.seconds > 0.5, run.seconds  # it used the budget rather than stopping early
     assert run.tokens_per_s > 0
 
 
