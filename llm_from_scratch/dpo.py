@@ -41,6 +41,7 @@ from llm_from_scratch.instruct import (
     scheduled_batches,
 )
 from llm_from_scratch.model import GPT, IGNORE_INDEX
+from llm_from_scratch.train import configure_optimizer
 
 
 def response_logprobs(model: GPT, inputs: Tensor, labels: Tensor) -> Tensor:
@@ -196,7 +197,7 @@ def train_dpo(
         raise ValueError(f"steps must be >= 1, got {steps}")
     reference = frozen_copy(policy) if reference is None else reference
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = configure_optimizer(policy, lr=lr, weight_decay=0.0)  # fused, as train_sft's
     history = []
     policy.train()
     for step, batch in scheduled_batches(dataset, optimizer, steps=steps, batch_size=batch_size, lr=lr,

@@ -42,7 +42,13 @@ from llm_from_scratch.data import download, read_text_file, shakespeare_dir
 from llm_from_scratch.generate import generate, pad_prompts
 from llm_from_scratch.loss import cross_entropy
 from llm_from_scratch.model import GPT, IGNORE_INDEX
-from llm_from_scratch.train import CHECKPOINT_NAME, lr_at, save_checkpoint, tokenizer_fingerprint
+from llm_from_scratch.train import (
+    CHECKPOINT_NAME,
+    configure_optimizer,
+    lr_at,
+    save_checkpoint,
+    tokenizer_fingerprint,
+)
 
 USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
@@ -504,7 +510,10 @@ def train_sft(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    # Pre-training's AdamW (betas 0.9, 0.95), here without weight decay: PyTorch's fused kernel, whose
+    # sqrt is the processor's own; the unfused update's sqrt is MKL's, which rounds differently on
+    # Intel and AMD processors, and training turns that last bit into another model.
+    optimizer = configure_optimizer(model, lr=lr, weight_decay=0.0)
     history = []
     model.train()
     for step, batch in scheduled_batches(dataset, optimizer, steps=steps, batch_size=batch_size, lr=lr,

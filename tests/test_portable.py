@@ -140,3 +140,58 @@ def test_speedrun_trains_in_float32_on_any_cpu_in_portable_mode(monkeypatch):
     monkeypatch.setenv(PORTABLE_ENV, "1")
     assert speedrun.resolve_precision("auto", "cpu") is None
     assert speedrun.resolve_precision("bf16", "cpu") is torch.bfloat16  # asked for explicitly: kept
+
+
+# The unary operations that ATen hands to MKL's vector maths (``vml.h`` in PyTorch's source; a
+# profile of each shows ``mkl_vml_kernel_s<Op>_...``). MKL picks their code by processor and
+# MKL_CBWR does not pin it: on an AMD EPYC ``torch.sqrt`` runs ``mkl_vml_kernel_sSqrt_EXHAynn``
+# whatever MKL_CBWR says, and 15% of its results differ from the correctly rounded square root,
+# so an Intel processor (another kernel) rounds differently. In a training step that last bit
+# becomes another model, so no trainer of a GPT may call them on its way.
+MKL_VECTOR_MATH = {"acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "log", "log10", "log2", "sin",
+                   "sqrt", "tan", "tanh", "trunc"}
+
+
+def _ops_called(fn) -> set[str]:
+    """The ATen operations (base names: ``aten.sqrt.default`` -> ``sqrt``) that ``fn()`` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func._schema.name.split("::")[-1].rstrip("_"))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+def test_the_probe_sees_mkl_vector_maths():
+    import torch
+
+    x = torch.rand(8)
+    assert _ops_called(lambda: (x.sqrt(), x.log(), torch.tanh(x))) >= {"sqrt", "log", "tanh"}
+    # an unfused AdamW step takes the square root through torch.sqrt
+    p = torch.nn.Parameter(torch.rand(4))
+    p.grad = torch.rand(4)
+    assert "sqrt" in _ops_called(torch.optim.AdamW([p], foreach=False).step)
+
+
+def test_fine_tuning_steps_call_no_mkl_vector_maths():
+    from llm_from_scratch.dpo import PreferenceDataset, train_dpo
+    from llm_from_scratch.instruct import END, Example, InstructionDataset, train_sft
+    from tests.test_dpo import PAIRS
+    from tests.test_instruct import tiny_chat_model
+
+    model, tokenizer = tiny_chat_model()
+    pad = tokenizer.special_tokens[END]
+    examples = [Example("Who speaks these lines?", name, "speaker", str(i), ("VIOLA", "OLIVIA"))
+                for i, name in enumerate(["VIOLA", "OLIVIA", "VIOLA"])]
+    sft_set = InstructionDataset(examples, tokenizer, context_length=64)
+    ops = _ops_called(lambda: train_sft(model, sft_set, steps=2, batch_size=2, pad_id=pad))
+    assert not ops & MKL_VECTOR_MATH, f"train_sft calls {sorted(ops & MKL_VECTOR_MATH)}"
+    pairs = PreferenceDataset(PAIRS, tokenizer, context_length=64)
+    ops = _ops_called(lambda: train_dpo(model, pairs, steps=2, batch_size=2, pad_id=pad))
+    assert not ops & MKL_VECTOR_MATH, f"train_dpo calls {sorted(ops & MKL_VECTOR_MATH)}"
