@@ -165,11 +165,15 @@ def _needs_kernel():
 # row counts that leave a remainder after 4 or 2 rows (37), groups of 16 and whole rows, and a
 # width that is no multiple of 16 (the plain loops). w8a8: groups of 32 in pairs (3, 25 and 32
 # groups: an odd one left, a second block of 16), groups of 64 and of 192 (whole 64-byte loads),
-# groups of 16 and 96 (the plain loops).
+# groups of 16 and 96 (the plain loops). One vector has loops of its own: int8 with groups of 32 and
+# a width that is a multiple of 64 (four phases: 2 groups, then 34 = 16 + 16 + 2), bfloat16 with a
+# width that is a multiple of 64 (even and odd weights: one and three loads of 64), float32 one row
+# at a time (64 weights per pass and a remainder of 16).
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16])
 @pytest.mark.parametrize("kind,in_features,group_size", [("int8", 64, 16), ("int8", 96, 32), ("int8", 64, None),
-                                                         ("int8", 24, 8), ("bf16", 64, None), ("bf16", 24, None),
-                                                         ("fp32", 64, None), ("fp32", 24, None),
+                                                         ("int8", 24, 8), ("int8", 128, 32), ("int8", 1088, 32),
+                                                         ("bf16", 64, None), ("bf16", 192, None), ("bf16", 24, None),
+                                                         ("fp32", 64, None), ("fp32", 80, None), ("fp32", 24, None),
                                                          ("w8a8", 96, 32), ("w8a8", 800, 32), ("w8a8", 1024, 32),
                                                          ("w8a8", 128, 64), ("w8a8", 192, None), ("w8a8", 64, 16),
                                                          ("w8a8", 192, 96)])

@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__F16C__)
@@ -132,12 +133,117 @@ void dense_rows(const T* w, const float* x, float* y, const float* b, int64_t n,
     for (int m = 0; m < M; ++m) y[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + (b ? b[n + r] : 0.f);
 }
 
+// One vector (M = 1): each row read front to back on its own, with four sums side by side along
+// it, so that each thread streams one run of memory (rows side by side read four runs at once).
+template <typename T>
+void dense_row_one(const T* w, const float* x, float* y, const float* b, int64_t n, int64_t K) {
+  constexpr int64_t kPerLine = 64 / sizeof(T);
+  const T* row = w + n * K;
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    for (int64_t line = 0; line < 64; line += kPerLine)
+      _mm_prefetch(reinterpret_cast<const char*>(row + k + line) + kPrefetchBytes, _MM_HINT_T0);
+    for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(load_dense(row + k + 16 * j), _mm512_loadu_ps(x + k + 16 * j), acc[j]);
+  }
+  for (; k < K; k += 16) acc[0] = _mm512_fmadd_ps(load_dense(row + k), _mm512_loadu_ps(x + k), acc[0]);
+  y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) + (b ? b[n] : 0.f);
+}
+
+// bfloat16, one vector: 32 weights per load, widened without a shuffle. In each 32-bit lane the
+// low half is an even-numbered weight and the high half the next, odd one; shifting the lane left
+// by 16 gives the even weight as a float32, masking off the low half gives the odd one. So the
+// vector is split once per product into its even and odd elements (xs: K / 2 of each) and every
+// load serves two FMAs, with one shift or one and each: no vpmovzxwd, which crosses lanes.
+inline void split_even_odd(const float* x, int64_t K, float* xs) {
+  for (int64_t k = 0; k < K / 2; ++k) {
+    xs[k] = x[2 * k];
+    xs[K / 2 + k] = x[2 * k + 1];
+  }
+}
+
+inline void bf16_row_split(const uint16_t* w, const float* xs, float* y, const float* b, int64_t n, int64_t K) {
+  const uint16_t* row = w + n * K;
+  const float* xe = xs;
+  const float* xo = xs + K / 2;
+  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t k = 0; k < K; k += 64) {  // 64 weights: two loads of 32, each two FMAs of 16
+    _mm_prefetch(reinterpret_cast<const char*>(row + k) + kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row + k + 32) + kPrefetchBytes, _MM_HINT_T0);
+    for (int j = 0; j < 2; ++j) {
+      const __m512i pairs = _mm512_loadu_si512(row + k + 32 * j);
+      const int64_t i = k / 2 + 16 * j;
+      acc[2 * j] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)), _mm512_loadu_ps(xe + i), acc[2 * j]);
+      acc[2 * j + 1] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(pairs, high)), _mm512_loadu_ps(xo + i), acc[2 * j + 1]);
+    }
+  }
+  y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) + (b ? b[n] : 0.f);
+}
+
+// int8 weights, one vector, G = 32: 64 weights per load, widened without a shuffle. Lane i of the
+// load holds weights 4i .. 4i + 3; shifting the lane left by 24 - 8j, then arithmetically right by
+// 24, gives weight 4i + j as a signed int32. So the vector is split once per product into four
+// phases (x4[j][i] = x[4i + j], K / 4 each); each phase's 16 products are summed into one vector
+// whose lanes 0-7 belong to the load's first group of 32 and lanes 8-15 to the second, and that
+// vector is scaled by its two groups' scales (sixteen groups' scales are converted at once).
+inline void split_phases(const float* x, int64_t K, float* x4) {
+  for (int64_t i = 0; i < K / 4; ++i)
+    for (int j = 0; j < 4; ++j) x4[j * (K / 4) + i] = x[4 * i + j];
+}
+
+inline void int8_row_phases(const int8_t* q, const at::Half* s, const float* x4, float* y, const float* b, int64_t n,
+                            int64_t K) {
+  const int8_t* row = q + n * K;
+  const at::Half* sr = s + n * (K / 32);
+  const int64_t Q = K / 4;
+  const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);  // lane -> group of the pair
+  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t g0 = 0; g0 < K / 32; g0 += 16) {
+    const int64_t groups = std::min<int64_t>(16, K / 32 - g0);  // even: K % 64 == 0
+    const __m512 scales = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << groups) - 1), sr + g0));
+    __m512i index = pair;
+    for (int64_t j = 0; j < groups; j += 2, index = _mm512_add_epi32(index, _mm512_set1_epi32(2))) {
+      const int64_t k = (g0 + j) * 32;
+      _mm_prefetch(reinterpret_cast<const char*>(row + k) + kPrefetchBytes, _MM_HINT_T0);
+      const __m512i w = _mm512_loadu_si512(row + k);
+      const int64_t i = k / 4;
+      __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 24), 24)), _mm512_loadu_ps(x4 + i));
+      t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 16), 24)), _mm512_loadu_ps(x4 + Q + i), t);
+      t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 8), 24)), _mm512_loadu_ps(x4 + 2 * Q + i), t);
+      t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(w, 24)), _mm512_loadu_ps(x4 + 3 * Q + i), t);
+      acc[j / 2 % 2] = _mm512_fmadd_ps(t, _mm512_permutexvar_ps(index, scales), acc[j / 2 % 2]);
+    }
+  }
+  y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + (b ? b[n] : 0.f);
+}
+
+inline void int8_row_one(const int8_t* q, const at::Half* s, const float* x, float* y, const float* b, int64_t n, int64_t K,
+                  int64_t G) {
+  const int8_t* row = q + n * K;
+  const at::Half* sr = s + n * (K / G);
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int j = 0;
+  for (int64_t g = 0; g < K / G; ++g) {
+    const __m512 scale = _mm512_set1_ps(half_to_float(sr[g]));
+    for (int64_t k = g * G; k < (g + 1) * G; k += 16, j = (j + 1) & 3) {
+      if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + k) + kPrefetchBytes, _MM_HINT_T0);
+      acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(load_int8(row + k), scale), _mm512_loadu_ps(x + k), acc[j]);
+    }
+  }
+  y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) + (b ? b[n] : 0.f);
+}
+
 // Rows n0..n1 for M vectors: R rows at a time (fewer rows when M is large), then the leftover rows.
 template <int M>
 void int8_block(const int8_t* q, const at::Half* s, const float* x, float* y, const float* b, int64_t n0, int64_t n1, int64_t N,
                 int64_t K, int64_t G, int64_t x_stride) {
   constexpr int R = M <= 4 ? 4 : 2;  // at most 16 accumulators (of 32 registers)
   int64_t n = n0;
+  if (M == 1) {
+    for (; n < n1; ++n) int8_row_one(q, s, x, y, b, n, K, G);
+    return;
+  }
   for (; n + R <= n1; n += R) int8_rows<R, M>(q, s, x, y, b, n, N, K, G, x_stride);
   for (; n < n1; ++n) int8_rows<1, M>(q, s, x, y, b, n, N, K, G, x_stride);
 }
@@ -147,6 +253,10 @@ void dense_block(const T* w, const float* x, float* y, const float* b, int64_t n
                  int64_t x_stride) {
   constexpr int R = M <= 4 ? 4 : 2;
   int64_t n = n0;
+  if (M == 1) {
+    for (; n < n1; ++n) dense_row_one<T>(w, x, y, b, n, K);
+    return;
+  }
   for (; n + R <= n1; n += R) dense_rows<T, R, M>(w, x, y, b, n, N, K, x_stride);
   for (; n < n1; ++n) dense_rows<T, 1, M>(w, x, y, b, n, N, K, x_stride);
 }
@@ -360,6 +470,16 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+#if LLMFS_AVX512
+  if (M == 1 && G == 32 && K % 64 == 0) {
+    std::vector<float> x4(K);
+    split_phases(xp, K, x4.data());
+    at::parallel_for(0, N, grain(K, 1), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) int8_row_phases(q, s, x4.data(), yp, bp, n, K);
+    });
+    return y;
+  }
+#endif
   at::parallel_for(0, N, grain(K, 1), [&](int64_t n0, int64_t n1) {
 #if LLMFS_AVX512
     if (K % 16 == 0 && G % 16 == 0) {
@@ -430,6 +550,16 @@ at::Tensor dense_linear(const at::Tensor& x, const T* w, int64_t N, const c10::o
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+#if LLMFS_AVX512
+  if (std::is_same<T, uint16_t>::value && M == 1 && K % 64 == 0) {
+    std::vector<float> xs(K);
+    split_even_odd(xp, K, xs.data());
+    at::parallel_for(0, N, grain(K, sizeof(T)), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) bf16_row_split(reinterpret_cast<const uint16_t*>(w), xs.data(), yp, bp, n, K);
+    });
+    return y;
+  }
+#endif
   at::parallel_for(0, N, grain(K, sizeof(T)), [&](int64_t n0, int64_t n1) {
 #if LLMFS_AVX512
     if (K % 16 == 0) {
