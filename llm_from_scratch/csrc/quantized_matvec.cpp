@@ -5,8 +5,11 @@
 // result against its plain reference (dequantize the weights, then F.linear). A decode step
 // multiplies a few token vectors x (M, K), float32, by every weight matrix W (N, K): each weight is
 // read once, so the speed is set by how many bytes the weights take. The weights are turned into
-// float32 on the fly, sixteen at a time, in registers (never written back to memory), and
-// multiplied with every one of the M vectors while they are there; the sums are float32.
+// float32 on the fly, in registers (never written back to memory), and multiplied with every one
+// of the M vectors while they are there; the sums are float32. For one vector (M = 1, batch-1
+// decoding) each row is read front to back on its own, and bfloat16 and int8 weights are widened
+// by shifts within each 32-bit lane, without shuffles, against a copy of the vector whose elements
+// are reordered to match (even and odd elements; four phases).
 //
 //   int8:  W[n, k] = q[n, k] * s[n, k / G]   q int8 in [-127, 127], s float16, G the group size
 //   bf16:  W[n, k] = the bfloat16 weight widened to float32 (exact: its top 16 bits)
