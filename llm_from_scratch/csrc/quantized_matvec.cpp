@@ -44,7 +44,8 @@
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+// AVX-512 F, BW and VL (x86-64-v4): every AVX-512 processor since Skylake-SP
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define LLMFS_AVX512 1
 #else
 #define LLMFS_AVX512 0
