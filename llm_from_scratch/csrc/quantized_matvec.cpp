@@ -88,6 +88,17 @@ inline __m512 load_bf16(const uint16_t* p) {
   __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
+// The float32 sum of four vectors of partial sums, for one output.
+inline float sum4(const __m512 acc[4]) {
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+// Up to 16 float16 scales (n of them, the rest 0) as float32: sixteen groups' scales at once.
+inline __m512 load_scales(const at::Half* s, int64_t n) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), s));
+}
+// Groups of 32 two per 64-byte load: lanes 0-7 take the scale at index 2i of a vector of sixteen
+// groups' scales, lanes 8-15 the one at 2i + 1 (start here, add 2 per load; _mm512_permutexvar_ps).
+inline __m512i pair_index() { return _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0); }
 
 // R weight rows times M vectors: R * M accumulators, so that enough FMA chains run side by side
 // and each load of x serves R rows.
@@ -151,7 +162,7 @@ void dense_row_one(const T* w, const float* x, float* y, const float* b, int64_t
     for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(load_dense(row + k + 16 * j), _mm512_loadu_ps(x + k + 16 * j), acc[j]);
   }
   for (; k < K; k += 16) acc[0] = _mm512_fmadd_ps(load_dense(row + k), _mm512_loadu_ps(x + k), acc[0]);
-  y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) + (b ? b[n] : 0.f);
+  y[n] = sum4(acc) + (b ? b[n] : 0.f);
 }
 
 // bfloat16, one vector: 32 weights per load, widened without a shuffle. In each 32-bit lane the
@@ -182,7 +193,7 @@ inline void bf16_row_split(const uint16_t* w, const float* xs, float* y, const f
       acc[2 * j + 1] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(pairs, high)), _mm512_loadu_ps(xo + i), acc[2 * j + 1]);
     }
   }
-  y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) + (b ? b[n] : 0.f);
+  y[n] = sum4(acc) + (b ? b[n] : 0.f);
 }
 
 // int8 weights, one vector, G = 32: 64 weights per load, widened without a shuffle. Lane i of the
@@ -201,12 +212,11 @@ inline void int8_row_phases(const int8_t* q, const at::Half* s, const float* x4,
   const int8_t* row = q + n * K;
   const at::Half* sr = s + n * (K / 32);
   const int64_t Q = K / 4;
-  const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);  // lane -> group of the pair
   __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
   for (int64_t g0 = 0; g0 < K / 32; g0 += 16) {
     const int64_t groups = std::min<int64_t>(16, K / 32 - g0);  // even: K % 64 == 0
-    const __m512 scales = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << groups) - 1), sr + g0));
-    __m512i index = pair;
+    const __m512 scales = load_scales(sr + g0, groups);
+    __m512i index = pair_index();
     for (int64_t j = 0; j < groups; j += 2, index = _mm512_add_epi32(index, _mm512_set1_epi32(2))) {
       const int64_t k = (g0 + j) * 32;
       _mm_prefetch(reinterpret_cast<const char*>(row + k) + kPrefetchBytes, _MM_HINT_T0);
@@ -222,8 +232,9 @@ inline void int8_row_phases(const int8_t* q, const at::Half* s, const float* x4,
   y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + (b ? b[n] : 0.f);
 }
 
-inline void int8_row_one(const int8_t* q, const at::Half* s, const float* x, float* y, const float* b, int64_t n, int64_t K,
-                  int64_t G) {
+// int8 weights, one vector, any group size (a multiple of 16): rows one at a time, as dense_row_one.
+inline void int8_row_one(const int8_t* q, const at::Half* s, const float* x, float* y, const float* b, int64_t n,
+                         int64_t K, int64_t G) {
   const int8_t* row = q + n * K;
   const at::Half* sr = s + n * (K / G);
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -235,7 +246,7 @@ inline void int8_row_one(const int8_t* q, const at::Half* s, const float* x, flo
       acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(load_int8(row + k), scale), _mm512_loadu_ps(x + k), acc[j]);
     }
   }
-  y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) + (b ? b[n] : 0.f);
+  y[n] = sum4(acc) + (b ? b[n] : 0.f);
 }
 
 // Rows n0..n1 for M vectors: R rows at a time (fewer rows when M is large), then the leftover rows.
@@ -392,16 +403,15 @@ template <int M>
 void w8a8_row_pairs(const int8_t* q, const at::Half* s, const int8_t* p, const float* t, const int32_t* lanes,
                     int64_t K, float* out) {
   const int64_t groups = K / 32;
-  const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);  // lane -> group of the pair
   __m512 total[M];
   for (int m = 0; m < M; ++m) total[m] = _mm512_setzero_ps();
   for (int64_t g0 = 0; g0 < groups; g0 += 16) {
     const int64_t n = std::min<int64_t>(16, groups - g0);
     const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
-    const __m512 sw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, s + g0));  // (16,) weight scales
+    const __m512 sw = load_scales(s + g0, n);  // (16,) weight scales
     __m512 scales[M];  // (16,) s * t for each vector
     for (int m = 0; m < M; ++m) scales[m] = _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(mask, t + m * (K / 32) + g0));
-    __m512i index = pair;
+    __m512i index = pair_index();
     for (int64_t j = 0; j < n; j += 2, index = _mm512_add_epi32(index, _mm512_set1_epi32(2))) {
       const int64_t k = (g0 + j) * 32;
       _mm_prefetch(reinterpret_cast<const char*>(q + k) + kPrefetchBytes, _MM_HINT_T0);
@@ -555,13 +565,15 @@ at::Tensor dense_linear(const at::Tensor& x, const T* w, int64_t N, const c10::o
   float* yp = y.data_ptr<float>();
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
 #if LLMFS_AVX512
-  if (std::is_same<T, uint16_t>::value && M == 1 && K % 64 == 0) {
-    std::vector<float> xs(K);
-    split_even_odd(xp, K, xs.data());
-    at::parallel_for(0, N, grain(K, sizeof(T)), [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) bf16_row_split(reinterpret_cast<const uint16_t*>(w), xs.data(), yp, bp, n, K);
-    });
-    return y;
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (M == 1 && K % 64 == 0) {
+      std::vector<float> xs(K);
+      split_even_odd(xp, K, xs.data());
+      at::parallel_for(0, N, grain(K, sizeof(T)), [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n) bf16_row_split(w, xs.data(), yp, bp, n, K);
+      });
+      return y;
+    }
   }
 #endif
   at::parallel_for(0, N, grain(K, sizeof(T)), [&](int64_t n0, int64_t n1) {
